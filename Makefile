@@ -1,0 +1,52 @@
+# Two entry points on a fresh Debian/Ubuntu machine: `make distill` and `make test`.
+# Both create .venv, install the package and make sure Fashion-MNIST is available.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/default
+CONFIG ?= configs/default.py
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+export TF_CPP_MIN_LOG_LEVEL := 3
+
+.PHONY: setup data distill test lint format bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	@python3 -m venv --help >/dev/null 2>&1 && python3 -c "import ensurepip" 2>/dev/null || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv python3-pip; }
+	[ -x $(PY) ] || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[tfds,test]'
+	touch $@
+
+# Debian's dataset-fashion-mnist where apt-get can install it; otherwise run.py downloads the
+# data with tensorflow-datasets on first use.
+data:
+	@if [ -d $(FMNIST_DIR) ]; then echo "Fashion-MNIST: $(FMNIST_DIR)"; \
+	elif command -v apt-get >/dev/null && { $(SUDO) apt-get update -qq; \
+	      $(SUDO) apt-get install -y -qq dataset-fashion-mnist; } >/dev/null 2>&1; then \
+	  echo "Fashion-MNIST: installed Debian's dataset-fashion-mnist in $(FMNIST_DIR)"; \
+	else echo "Fashion-MNIST: no Debian package here; tensorflow-datasets will download it"; fi
+
+distill: setup data
+	$(PY) run.py --config=$(CONFIG) --workdir=$(WORKDIR)
+	@echo "results: $(WORKDIR)/ (distilled.npz, grid.png, results.json, metrics.jsonl)"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: setup data lint
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q
+
+bench: setup data
+	$(PY) benchmarks/bench_coreset.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+"""mim4dd-jax: dataset distillation with mutual-information maximisation in JAX/Flax."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,396 @@
+"""Whole-split image-classification data in memory: loading, normalisation, ZCA, class index.
+
+Three sources:
+
+* ``tfds``: any tensorflow-datasets image-classification dataset with ``image``/``label`` features
+  (mnist, fashion_mnist, cifar10, cifar100, svhn_cropped, ...). TensorFlow is imported lazily, only here.
+* ``mnist_folder``: a folder of MNIST-format IDX files (``.gz`` or raw), e.g. Debian's
+  ``dataset-fashion-mnist`` package at ``/usr/share/datasets/fashion-mnist``.
+* ``npz``: a local ``.npz`` with ``x_train, y_train, x_test, y_test``.
+
+``auto`` picks a local folder when one is given or known (the Debian folder for Fashion-MNIST), and
+tfds otherwise. Images are returned NHWC float32, normalised per channel with train-split statistics.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mim4dd_jax.errors import ConfigError, check_choice
+
+SOURCES = ("auto", "tfds", "mnist_folder", "npz")
+
+# Folders that distribution packages install; `auto` uses them without a flag.
+KNOWN_FOLDERS = {"fashion_mnist": "/usr/share/datasets/fashion-mnist"}
+
+_HOW_TO_GET = {
+    "fashion_mnist": (
+        "install Debian's package (sudo apt-get install dataset-fashion-mnist) or set "
+        "--config.data.source=tfds to download it with tensorflow-datasets"
+    ),
+}
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4")}
+
+
+class RawSplits(NamedTuple):
+    """Raw arrays as stored: images [N, H, W, C] uint8 (or float), labels [N] int64."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+class Dataset(NamedTuple):
+    """Normalised splits in memory plus what is needed to undo the normalisation.
+
+    train_images: [N, H, W, C] float32, train_labels: [N] int32 (same for test).
+    mean, std: [C] float32 per-channel statistics of the train split in [0, 1] pixel units.
+    zca: the fitted whitening (or None); images are already whitened when it is set.
+    """
+
+    name: str
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+    mean: np.ndarray
+    std: np.ndarray
+    zca: ZCA | None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_images.shape[1:])  # type: ignore[return-value]
+
+    def to_pixels(self, images: np.ndarray) -> np.ndarray:
+        """Maps model-space images [N, H, W, C] back to [0, 1] pixel space (ZCA inverted)."""
+        x = np.asarray(images, np.float32)
+        if self.zca is not None:
+            x = np.asarray(zca_inverse(self.zca, jnp.asarray(x)))
+        return x * self.std + self.mean
+
+
+# ----------------------------------------------------------------------------- IDX / MNIST folder
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Reads one IDX file (``.gz`` or raw); raises ConfigError if it is truncated or malformed."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise ConfigError(f"corrupt IDX file {path!r}: {e}") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ConfigError(f"corrupt IDX file {path!r}: bad magic number {data[:4].hex()!r}")
+    dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ConfigError(f"corrupt IDX file {path!r}: truncated header")
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(shape)) * dtype.itemsize
+    if len(data) != expected:
+        raise ConfigError(
+            f"corrupt IDX file {path!r}: shape {shape} needs {expected} bytes, found {len(data)}"
+        )
+    return np.frombuffer(data, dtype, offset=header).reshape(shape)
+
+
+def _find_idx(folder: str, stem: str) -> str:
+    for suffix in (".gz", ""):
+        for name in (stem, stem.replace("-idx", ".idx")):
+            p = os.path.join(folder, name + suffix)
+            if os.path.isfile(p):
+                return p
+    raise ConfigError(f"MNIST-format folder {folder!r} has no file {stem}[.gz]")
+
+
+def load_mnist_folder(folder: str) -> RawSplits:
+    """Loads the four MNIST-format files of ``folder`` as NHWC uint8 images and int labels."""
+    arrays = []
+    for prefix in ("train", "t10k"):
+        images = read_idx(_find_idx(folder, f"{prefix}-images-idx3-ubyte"))
+        labels = read_idx(_find_idx(folder, f"{prefix}-labels-idx1-ubyte"))
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise ConfigError(
+                f"MNIST-format folder {folder!r}: {prefix} images {images.shape} do not match "
+                f"labels {labels.shape}"
+            )
+        arrays += [images[..., None], labels.astype(np.int64)]
+    return RawSplits(*arrays)
+
+
+# ----------------------------------------------------------------------------- npz
+
+
+def load_npz(path: str) -> RawSplits:
+    """Loads ``x_train, y_train, x_test, y_test`` from an ``.npz``; images [N,H,W] or [N,H,W,C]."""
+    keys = ("x_train", "y_train", "x_test", "y_test")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in keys if k not in f.files]
+            if missing:
+                raise ConfigError(f"npz file {path!r} lacks {missing}; it needs keys {list(keys)}")
+            arrays = {k: f[k] for k in keys}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"corrupt npz file {path!r}: {e}") from None
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.ndim == 3:
+            arrays[f"x_{split}"] = x = x[..., None]
+        if x.ndim != 4 or y.ndim != 1 or len(x) != len(y) or not np.issubdtype(y.dtype, np.integer):
+            raise ConfigError(
+                f"npz file {path!r}: x_{split} {x.shape} / y_{split} {y.shape} {y.dtype} are not "
+                "[N,H,W(,C)] images with [N] integer labels"
+            )
+    return RawSplits(*(arrays[k] for k in keys))
+
+
+# ----------------------------------------------------------------------------- tfds
+
+
+def _tfds_split(tfds: Any, name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, ...]:
+    source = tfds.data_source(name, split=split, data_dir=data_dir)
+    examples = [source[i] for i in range(len(source))]
+    images = [np.asarray(ex["image"]) for ex in examples]
+    labels = [int(ex["label"]) for ex in examples]
+    x = np.stack(images)
+    return (x if x.ndim == 4 else x[..., None]), np.asarray(labels, np.int64)
+
+
+def load_tfds(name: str, data_dir: str | None = None) -> RawSplits:
+    """Loads the train and test splits of a tfds image-classification dataset into memory."""
+    import tensorflow_datasets as tfds  # lazy: local-data runs must not need TensorFlow
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # tfds raises DatasetNotFoundError and friends
+        raise ConfigError(f"unknown tfds dataset {name!r}: {str(e).splitlines()[0]}") from None
+    features = builder.info.features
+    if "image" not in features or "label" not in features:
+        raise ConfigError(
+            f"tfds dataset {name!r} has features {list(features)}; need 'image' and 'label'"
+        )
+    return RawSplits(
+        *_tfds_split(tfds, name, "train", data_dir), *_tfds_split(tfds, name, "test", data_dir)
+    )
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def load_raw(name: str, source: str = "auto", path: str = "", tfds_data_dir: str = "") -> RawSplits:
+    """Loads raw splits by source; ``auto`` prefers ``path``, then a known folder, then tfds."""
+    check_choice("data.source", source, SOURCES)
+    if source == "auto":
+        if path:
+            source = "npz" if path.endswith(".npz") else "mnist_folder"
+        elif os.path.isdir(KNOWN_FOLDERS.get(name, "")):
+            source, path = "mnist_folder", KNOWN_FOLDERS[name]
+        else:
+            source = "tfds"
+    if source == "tfds":
+        return load_tfds(name, tfds_data_dir or None)
+    path = path or KNOWN_FOLDERS.get(name, "")
+    if not path or not os.path.exists(path):
+        how = _HOW_TO_GET.get(name, "download it with --config.data.source=tfds")
+        raise ConfigError(f"data.path {path!r} for dataset {name!r} does not exist; {how}")
+    if source == "npz":
+        return load_npz(path)
+    if not os.path.isdir(path):
+        raise ConfigError(f"data.path {path!r} is not a folder of MNIST-format files")
+    return load_mnist_folder(path)
+
+
+def _subset_per_class(x: np.ndarray, y: np.ndarray, per_class: int) -> tuple[np.ndarray, ...]:
+    """The first ``per_class`` examples of every class, in original order (deterministic)."""
+    if per_class <= 0:
+        return x, y
+    keep = np.concatenate([np.flatnonzero(y == c)[:per_class] for c in np.unique(y)])
+    keep.sort()
+    return x[keep], y[keep]
+
+
+def load_dataset(
+    name: str,
+    *,
+    source: str = "auto",
+    path: str = "",
+    tfds_data_dir: str = "",
+    train_per_class: int = 0,
+    test_per_class: int = 0,
+    zca: bool = False,
+    zca_reg: float = 0.1,
+    cache_dir: str | None = None,
+) -> Dataset:
+    """Loads, optionally subsets, normalises and (optionally) ZCA-whitens a dataset.
+
+    ``train_per_class``/``test_per_class`` > 0 keep only the first that many examples per class
+    (for quick runs and tests). ZCA is fitted on the normalised train split and cached in
+    ``cache_dir`` when given.
+    """
+    raw = load_raw(name, source, path, tfds_data_dir)
+    x_train, y_train = _subset_per_class(raw.x_train, raw.y_train, train_per_class)
+    x_test, y_test = _subset_per_class(raw.x_test, raw.y_test, test_per_class)
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise ConfigError(f"train images {x_train.shape[1:]} differ from test {x_test.shape[1:]}")
+    scale = 255.0 if x_train.dtype == np.uint8 else 1.0
+    x_train = x_train.astype(np.float32) / scale
+    x_test = x_test.astype(np.float32) / scale
+    mean = x_train.mean(axis=(0, 1, 2), dtype=np.float64).astype(np.float32)
+    std = x_train.std(axis=(0, 1, 2), dtype=np.float64).astype(np.float32)
+    x_train = (x_train - mean) / std
+    x_test = (x_test - mean) / std
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    fitted = None
+    if zca:
+        fitted = fit_zca_cached(x_train, zca_reg, cache_dir)
+        x_train = np.asarray(zca_apply(fitted, jnp.asarray(x_train)))
+        x_test = np.asarray(zca_apply(fitted, jnp.asarray(x_test)))
+    return Dataset(
+        name=name,
+        train_images=x_train,
+        train_labels=y_train.astype(np.int32),
+        test_images=x_test,
+        test_labels=y_test.astype(np.int32),
+        num_classes=num_classes,
+        mean=mean,
+        std=std,
+        zca=fitted,
+    )
+
+
+def load_from_config(data_cfg: Mapping[str, Any], cache_dir: str | None = None) -> Dataset:
+    """``load_dataset`` driven by a ``config.data`` block."""
+    return load_dataset(
+        data_cfg["name"],
+        source=data_cfg.get("source", "auto"),
+        path=data_cfg.get("path", ""),
+        tfds_data_dir=data_cfg.get("tfds_data_dir", ""),
+        train_per_class=data_cfg.get("train_per_class", 0),
+        test_per_class=data_cfg.get("test_per_class", 0),
+        zca=data_cfg.get("zca", False),
+        zca_reg=data_cfg.get("zca_reg", 0.1),
+        cache_dir=cache_dir,
+    )
+
+
+# ----------------------------------------------------------------------------- ZCA
+
+
+class ZCA(NamedTuple):
+    """A fitted ZCA whitening on flattened images: D = H*W*C.
+
+    mean: [D], whiten: [D, D], unwhiten: [D, D] (its inverse), reg: the eigenvalue regulariser.
+    """
+
+    mean: np.ndarray
+    whiten: np.ndarray
+    unwhiten: np.ndarray
+    reg: float
+
+
+def fit_zca(images: np.ndarray, reg: float = 0.1) -> ZCA:
+    """Fits ZCA on [N, H, W, C] images: W = U diag((s + reg)^-1/2) U^T with (U, s) of the covariance."""
+    if reg < 0:
+        raise ConfigError(f"data.zca_reg must be >= 0, got {reg}")
+    x = np.asarray(images, np.float64).reshape(len(images), -1)
+    mean = x.mean(axis=0)
+    xc = x - mean
+    cov = xc.T @ xc / max(1, len(x) - 1)
+    s, u = np.linalg.eigh(cov)
+    s = np.clip(s, 0.0, None)
+    whiten = (u * (1.0 / np.sqrt(s + reg))) @ u.T
+    unwhiten = (u * np.sqrt(s + reg)) @ u.T
+    return ZCA(mean.astype(np.float32), whiten.astype(np.float32), unwhiten.astype(np.float32), reg)
+
+
+def fit_zca_cached(images: np.ndarray, reg: float, cache_dir: str | None) -> ZCA:
+    """``fit_zca``, cached in ``cache_dir`` under a hash of the data and ``reg`` (atomic write)."""
+    if not cache_dir:
+        return fit_zca(images, reg)
+    digest = hashlib.sha1(np.ascontiguousarray(images).tobytes())
+    digest.update(repr(reg).encode())
+    path = os.path.join(cache_dir, f"zca_{digest.hexdigest()[:16]}.npz")
+    if os.path.exists(path):
+        with np.load(path) as f:
+            return ZCA(f["mean"], f["whiten"], f["unwhiten"], float(f["reg"]))
+    fitted = fit_zca(images, reg)
+    os.makedirs(cache_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npz.tmp")
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, mean=fitted.mean, whiten=fitted.whiten, unwhiten=fitted.unwhiten, reg=reg)
+    os.replace(tmp, path)
+    return fitted
+
+
+def zca_apply(zca: ZCA, images: jax.Array) -> jax.Array:
+    """Whitens [N, H, W, C] images."""
+    flat = images.reshape(images.shape[0], -1)
+    chex.assert_shape(flat, (None, zca.mean.shape[0]))
+    return ((flat - zca.mean) @ zca.whiten).reshape(images.shape)
+
+
+def zca_inverse(zca: ZCA, images: jax.Array) -> jax.Array:
+    """Inverse of :func:`zca_apply` (for visualisation)."""
+    flat = images.reshape(images.shape[0], -1)
+    chex.assert_shape(flat, (None, zca.mean.shape[0]))
+    return (flat @ zca.unwhiten + zca.mean).reshape(images.shape)
+
+
+# ----------------------------------------------------------------------------- class index
+
+
+class ClassIndex(NamedTuple):
+    """Per-class example indices for balanced sampling on device.
+
+    indices: [C, M] int32, row c holds the indices of class c padded with 0 beyond counts[c];
+    counts: [C] int32.
+    """
+
+    indices: jax.Array
+    counts: jax.Array
+
+
+def class_index(labels: np.ndarray, num_classes: int) -> ClassIndex:
+    """Builds the :class:`ClassIndex` of [N] integer labels."""
+    labels = np.asarray(labels)
+    rows = [np.flatnonzero(labels == c) for c in range(num_classes)]
+    width = max(1, max(len(r) for r in rows))
+    table = np.zeros((num_classes, width), np.int32)
+    for c, r in enumerate(rows):
+        table[c, : len(r)] = r
+    return ClassIndex(jnp.asarray(table), jnp.asarray([len(r) for r in rows], jnp.int32))
+
+
+def sample_per_class(key: jax.Array, index: ClassIndex, n: int) -> jax.Array:
+    """Draws ``n`` distinct example indices per class, uniformly: returns [C, n] int32.
+
+    Every class must hold at least ``n`` examples (checked by the caller, since counts are traced).
+    """
+    num_classes, width = index.indices.shape
+
+    def one(k: jax.Array, row: jax.Array, count: jax.Array) -> jax.Array:
+        # Random priorities, invalid slots pushed last: the first n of the sort are a uniform
+        # sample without replacement among the valid ones.
+        prio = jax.random.uniform(k, (width,))
+        prio = jnp.where(jnp.arange(width) < count, prio, 2.0)
+        return row[jnp.argsort(prio)[:n]]
+
+    keys = jax.random.split(key, num_classes)
+    return jax.vmap(one)(keys, index.indices, index.counts)
