@@ -142,3 +142,17 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, tiny_folder, case):
     assert "Traceback" not in r.stderr
     assert not workdir.exists()  # nothing written
     assert a_file.read_text() == "keep me"
+
+
+def test_console_entry_point_behaves_like_run_py():
+    script = os.path.join(os.path.dirname(sys.executable), "mim4dd")
+    if not os.path.exists(script):
+        pytest.skip("package not installed with pip install -e . (make test installs it)")
+    r = subprocess.run(
+        [script, "--config=configs/fashion_mnist.py:bogus,ipc1", "--workdir=/nonexistent/x"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: unknown method 'bogus'")
