@@ -67,7 +67,9 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
         if arg.startswith("--config="):
             path = arg.split("=", 1)[1].split(":", 1)[0]
             if not os.path.isfile(path):
-                fail(f"cannot load config file {path!r}: no such file; configs live in configs/*.py")
+                fail(
+                    f"cannot load config file {path!r}: no such file; configs live in configs/*.py"
+                )
     try:
         return flags.FLAGS(argv)
     except Exception as e:  # noqa: BLE001 - any parse failure is a user mistake in the flags

@@ -93,6 +93,7 @@ def build(
             weight_decay=5e-4,
             dsa=False,
             test_batch_size=500,
+            parallel="auto",
         )
     )
 
@@ -125,7 +126,7 @@ def check_ipc(ipc: int, smallest_class: int | None = None) -> None:
 
 def validate(c: ml_collections.ConfigDict) -> None:
     """Checks every name and range that can be checked without data; raises ConfigError."""
-    from mim4dd_jax import augment, coreset, data, evaluate  # late: config files import this
+    from mim4dd_jax import augment, coreset, data, evaluate, inner  # late: config files import this
 
     check_choice("method", c.method, METHODS)
     check_ipc(c.ipc)
@@ -134,6 +135,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for name in (None, *c.eval.models):
         evaluate.build_model(c, 10, name)
     augment.parse_strategy(c.dsa.strategy)
+    check_choice("eval.parallel", c.eval.parallel, inner.PARALLEL)
     for field, minimum in (
         ("eval.lr", 0.0),
         ("eval.num_models", 0),

@@ -62,6 +62,7 @@ def evaluate(
     train_config: inner.TrainConfig = inner.TrainConfig(),
     augment: inner.AugmentFn | None = None,
     test_batch_size: int = 500,
+    parallel: str = "auto",
 ) -> list[EvalResult]:
     """Trains ``num_models`` fresh models per architecture on (images, labels) and tests them.
 
@@ -70,6 +71,7 @@ def evaluate(
       images: [N, H, W, C] float32 in model space (normalised, whitened if ZCA is on).
       labels: [N] int32 or soft [N, K] float32.
       test_images, test_labels: the real test split, [M, H, W, C] and [M].
+      parallel: ``vmap`` the K models, ``map`` them in sequence, or ``auto`` (per backend).
       architectures: (name, Flax module) pairs, e.g. from ``models.get_model``; several give a
         cross-architecture evaluation in one call.
     """
@@ -88,6 +90,7 @@ def evaluate(
             config=train_config,
             augment=augment,
             test_batch_size=test_batch_size,
+            parallel=parallel,
         )
         results.append(EvalResult(name, np.asarray(accs)))
     return results
@@ -123,6 +126,7 @@ def evaluate_from_config(
         ),
         augment=augment,
         test_batch_size=ev.test_batch_size,
+        parallel=ev.parallel,
     )
 
 

@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mim4dd_jax.errors import check_choice
+
 PyTree = Any
 AugmentFn = Callable[[jax.Array, jax.Array], jax.Array]  # (key, images [B,H,W,C]) -> images
 
@@ -164,7 +166,22 @@ def accuracy(
     return jnp.mean(jnp.argmax(logits, axis=-1) == labels)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "config", "augment", "test_batch_size"))
+PARALLEL = ("auto", "vmap", "map")
+
+
+def resolve_parallel(parallel: str) -> str:
+    """``auto`` = ``vmap`` on accelerators and ``map`` (sequential, inside the same program) on
+    CPU, where a vmapped im2col convolution becomes a batched GEMM that ran slower than K plain
+    ones here (see BENCHMARKS.md)."""
+    check_choice("eval.parallel", parallel, PARALLEL)
+    if parallel == "auto":
+        return "map" if jax.default_backend() == "cpu" else "vmap"
+    return parallel
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model", "config", "augment", "test_batch_size", "parallel")
+)
 def train_and_test_many(
     keys: jax.Array,
     images: jax.Array,
@@ -177,8 +194,10 @@ def train_and_test_many(
     config: TrainConfig,
     augment: AugmentFn | None = None,
     test_batch_size: int = 500,
+    parallel: str = "auto",
 ) -> jax.Array:
-    """Trains one model per key [K, 2] as one vmapped program; returns test accuracies [K]."""
+    """Trains one model per key (keys: [K] typed keys) as one jitted program; returns test
+    accuracies [K]. ``parallel``: ``vmap`` the K models, or ``map`` them one after another."""
 
     def one(k):
         variables = train_classifier(
@@ -186,4 +205,6 @@ def train_and_test_many(
         )
         return accuracy(model, variables, test_images, test_labels, batch_size=test_batch_size)
 
-    return jax.vmap(one)(keys)
+    if resolve_parallel(parallel) == "vmap":
+        return jax.vmap(one)(keys)
+    return jax.lax.map(one, keys)

@@ -46,7 +46,7 @@ def test_sgd_schedule_matches_the_reference_loop():
     for ep in range(cfg.epochs + 1):
         g = jax.tree.map(lambda g, p: g + cfg.weight_decay * p, jax.grad(loss)(params), params)
         buf = jax.tree.map(lambda b, g: cfg.momentum * b + g, buf, g)
-        params = jax.tree.map(lambda p, b: p - cur_lr * b, params, buf)
+        params = jax.tree.map(lambda p, b, lr=cur_lr: p - lr * b, params, buf)
         if ep == cfg.epochs // 2 + 1:  # the reference re-creates its optimiser here
             cur_lr *= 0.1
             buf = jax.tree.map(jnp.zeros_like, buf)
@@ -69,12 +69,15 @@ def test_soft_one_hot_labels_equal_hard_labels():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), hard, soft)
 
 
-def test_vmapped_models_equal_separate_runs():
+@pytest.mark.parametrize("parallel", ["vmap", "map"])
+def test_vmapped_models_equal_separate_runs(parallel):
     model = models.get_model("convnet", num_classes=3, width=8, depth=1)
     (x, y), (xt, yt) = _toy(n=9, shape=(8, 8, 1)), _toy(n=20, key=1, shape=(8, 8, 1))
     cfg = inner.TrainConfig(epochs=2, batch_size=4)
     keys = jax.random.split(jax.random.key(0), 2)
-    many = inner.train_and_test_many(keys, x, y, 0.01, xt, yt, model=model, config=cfg)
+    many = inner.train_and_test_many(
+        keys, x, y, 0.01, xt, yt, model=model, config=cfg, parallel=parallel
+    )
     for i in range(2):
         v = inner.train_classifier(keys[i], x, y, 0.01, model=model, config=cfg)
         np.testing.assert_allclose(float(inner.accuracy(model, v, xt, yt)), float(many[i]))
@@ -94,7 +97,9 @@ def test_batch_norm_model_trains():
         jax.random.key(0), x, y, 0.01, model=model, config=inner.TrainConfig(epochs=1, batch_size=2)
     )
     init = inner.init_variables(model, jax.random.key(0), x.shape[1:])
-    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), v["batch_stats"], init["batch_stats"])
+    moved = jax.tree.map(
+        lambda a, b: float(jnp.abs(a - b).max()), v["batch_stats"], init["batch_stats"]
+    )
     assert max(jax.tree.leaves(moved)) > 0  # running statistics were updated
 
 
