@@ -29,7 +29,13 @@ def _coreset(config: Any, workdir: str) -> Any:
     return coreset.run(config, workdir)
 
 
-MODES: dict[str, Callable[[Any, str], Any]] = {"coreset": _coreset}
+def _distill(config: Any, workdir: str) -> Any:
+    from mim4dd_jax import distill
+
+    return distill.run(config, workdir)
+
+
+MODES: dict[str, Callable[[Any, str], Any]] = {"coreset": _coreset, "distill": _distill}
 
 
 def fail(message: str) -> None:

@@ -16,9 +16,48 @@ import ml_collections
 from mim4dd_jax.errors import ConfigError, check_choice
 
 # Method -> the run mode that executes it.
-METHODS = {"random": "coreset", "herding": "coreset"}
+METHODS = {
+    "random": "coreset",
+    "herding": "coreset",
+    "dm": "distill",
+    "dc": "distill",
+    "dsa": "distill",
+}
 ARG_FLAGS = ("local",)
 DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
+
+# Each distillation method's published, dataset-independent choices (DM: Zhao & Bilen 2023;
+# DC: Zhao et al. 2021; DSA: Zhao & Bilen 2021): image optimiser, iterations, real batch per
+# class, whether matching uses siamese DSA, and the evaluation protocol (DSA-trained models for
+# 1000 epochs for DM and DSA, 300 epochs without augmentation for DC). Config files override
+# per (method, ipc) through their HPARAMS.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dm": {
+        "distill.iterations": 20000,
+        "distill.lr": 1.0,
+        "distill.momentum": 0.5,
+        "distill.dsa": True,
+        "distill.eval_every": 2000,
+        "eval.dsa": True,
+        "eval.epochs": 1000,
+    },
+    "dc": {
+        "distill.iterations": 1000,
+        "distill.lr": 0.1,
+        "distill.momentum": 0.5,
+        "distill.dsa": False,
+        "distill.eval_every": 500,
+    },
+    "dsa": {
+        "distill.iterations": 1000,
+        "distill.lr": 0.1,
+        "distill.momentum": 0.5,
+        "distill.dsa": True,
+        "distill.eval_every": 500,
+        "eval.dsa": True,
+        "eval.epochs": 1000,
+    },
+}
 
 
 def parse_arg(arg: str) -> tuple[str, int, set[str]]:
@@ -99,7 +138,56 @@ def build(
 
     c.coreset = ml_collections.ConfigDict(dict(features="trained_net", feature_epochs=1))
 
-    for overrides in (hparams or {}).get((method, ipc), {}), (local if "local" in flags else {}):
+    # Distillation (mode "distill"). outer_loop/inner_loop 0 = the reference's per-IPC values
+    # (objectives.dc_loops); eval_every 0 = evaluate at the end only.
+    c.distill = ml_collections.ConfigDict(
+        dict(
+            iterations=1000,
+            batch_real=256,
+            init="real",
+            optimizer="sgd",
+            lr=0.1,
+            momentum=0.5,
+            dsa=True,
+            eval_every=0,
+            log_every=10,
+            outer_loop=0,
+            inner_loop=0,
+            lr_net=0.01,
+            batch_train=256,
+        )
+    )
+    # The MIM4DD term: total = base + weight * mi_loss. 0 (the default) is the pure base method.
+    # layers=() uses every block; layer_weights=() weighs them all 1; chunk_size, k_pos, k_neg,
+    # n_data = 0 mean "off" (None in mi.MIConfig). optimizer/lr train the projection heads.
+    c.mi = ml_collections.ConfigDict(
+        dict(
+            weight=0.0,
+            layers=(),
+            estimator="infonce",
+            temperature=0.07,
+            critic="cosine",
+            reduce="gap",
+            head="linear",
+            embed_dim=128,
+            hidden_dim=512,
+            layer_weights=(),
+            mask="hard",
+            chunk_size=0,
+            beta=0.0,
+            k_pos=0,
+            k_neg=0,
+            n_data=0.0,
+            optimizer="adam",
+            lr=1e-3,
+        )
+    )
+
+    for overrides in (
+        METHOD_DEFAULTS.get(method, {}),
+        (hparams or {}).get((method, ipc), {}),
+        (local if "local" in flags else {}),
+    ):
         for dotted, value in (overrides or {}).items():
             set_dotted(c, dotted, value)
     return c
@@ -126,7 +214,8 @@ def check_ipc(ipc: int, smallest_class: int | None = None) -> None:
 
 def validate(c: ml_collections.ConfigDict) -> None:
     """Checks every name and range that can be checked without data; raises ConfigError."""
-    from mim4dd_jax import augment, coreset, data, evaluate, inner  # late: config files import this
+    # late: config files import this module
+    from mim4dd_jax import augment, coreset, data, distill, evaluate, inner
 
     check_choice("method", c.method, METHODS)
     check_ipc(c.ipc)
@@ -147,3 +236,36 @@ def validate(c: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"{field} must be > {minimum}, got {value}")
     if c.eval.epochs < 0:
         raise ConfigError(f"eval.epochs must be >= 0, got {c.eval.epochs}")
+    if "distill" in c:
+        _validate_distill(c, distill)
+
+
+def _validate_distill(c: ml_collections.ConfigDict, distill: Any) -> None:
+    """Checks the ``distill`` and ``mi`` blocks (names, ranges, MI options, DC loops)."""
+    from mim4dd_jax import mi, objectives
+
+    d = c.distill
+    check_choice("distill.optimizer", d.optimizer, distill.OPTIMIZERS)
+    check_choice("distill.init", d.init, distill.INITS)
+    check_choice("mi.optimizer", c.mi.optimizer, distill.OPTIMIZERS)
+    for field, value, minimum in (
+        ("distill.iterations", d.iterations, 0),
+        ("distill.eval_every", d.eval_every, 0),
+        ("distill.outer_loop", d.outer_loop, 0),
+        ("distill.inner_loop", d.inner_loop, 0),
+        ("distill.batch_real", d.batch_real, 1),
+        ("distill.batch_train", d.batch_train, 1),
+        ("distill.log_every", d.log_every, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{field} must be an integer >= {minimum}, got {value!r}")
+    for field, value in (("distill.lr", d.lr), ("distill.lr_net", d.lr_net), ("mi.lr", c.mi.lr)):
+        if not value > 0:
+            raise ConfigError(f"{field} must be > 0, got {value!r}")
+    if not 0 <= d.momentum < 1:
+        raise ConfigError(f"distill.momentum must be in [0, 1), got {d.momentum!r}")
+    if not c.mi.weight >= 0:
+        raise ConfigError(f"mi.weight must be >= 0, got {c.mi.weight!r}")
+    mi.make_config(**distill.mi_options(c.mi))
+    if c.method in ("dc", "dsa") and not (d.outer_loop and d.inner_loop):
+        objectives.dc_loops(c.ipc)
