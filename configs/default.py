@@ -2,9 +2,10 @@
 
   python run.py --config=configs/default.py --workdir=runs/default
 
-Until the distillation engine lands this is the random-real coreset baseline plus the standard
-evaluation (3 ConvNet-3 models, 300 epochs): expect about 74% test accuracy (published random IPC 10:
-73.8%), in roughly 5-10 minutes on a 2-core CPU.
+Until DM+MI is validated against the published protocol, this is the random-real coreset baseline
+plus the standard evaluation (3 ConvNet-3 models, 300 epochs): expect 71-74% test accuracy depending
+on the random draw (published random IPC 10: 73.8%; measured: BENCHMARKS.md), in about 10 minutes on
+a 2-core CPU.
 """
 
 from mim4dd_jax import config as cfg
