@@ -231,40 +231,20 @@ def train_on_synthetic(
     ``batch_size`` (the last one padded and masked), per-sample DSA when ``strategy`` is set,
     training-mode norms. Returns the updated variables.
     """
-    images, labels = lax.stop_gradient(images), lax.stop_gradient(labels)
-    n = images.shape[0]
-    batch = min(batch_size, n)
-    num_batches = -(-n // batch)
-    pad = num_batches * batch - n
-    mask = (jnp.arange(num_batches * batch) < n).astype(jnp.float32).reshape(num_batches, batch)
-
-    def sgd_step(carry: tuple[Any, jax.Array], xs: tuple[jax.Array, ...]) -> tuple[Any, None]:
-        variables, epoch_key = carry
-        b, idx, m = xs
-        x, y = images[idx], labels[idx]
-        if strategy is not None:
-            x = augment_lib.augment(
-                jax.random.fold_in(epoch_key, b + 1), x, strategy=strategy, siamese=False
-            )
-
-        def loss_fn(params: Any) -> tuple[jax.Array, Any]:
-            logits, new_vars = inner.apply_train(model, {**variables, "params": params}, x)
-            return jnp.sum(inner.cross_entropy(logits, y) * m) / jnp.sum(m), new_vars
-
-        grads, new_vars = jax.grad(loss_fn, has_aux=True)(variables["params"])
-        params = jax.tree.map(lambda p, g: p - lr * g, variables["params"], grads)
-        return ({**new_vars, "params": params}, epoch_key), None
-
-    def epoch(variables: Any, e: jax.Array) -> tuple[Any, None]:
-        epoch_key = jax.random.fold_in(key, e)
-        perm = jax.random.permutation(jax.random.fold_in(epoch_key, 0), n)
-        idx = jnp.concatenate([perm, perm[:pad]]) if pad else perm
-        xs = (jnp.arange(num_batches), idx.reshape(num_batches, batch), mask)
-        (variables, _), _ = lax.scan(sgd_step, (variables, epoch_key), xs)
-        return variables, None
-
-    variables, _ = lax.scan(epoch, variables, jnp.arange(epochs))
-    return variables
+    augment = None
+    if strategy is not None:
+        augment = functools.partial(augment_lib.augment, strategy=strategy, siamese=False)
+    return inner.sgd_epochs(
+        key,
+        variables,
+        lax.stop_gradient(images),
+        lax.stop_gradient(labels),
+        lr,
+        model=model,
+        passes=epochs,
+        batch_size=batch_size,
+        augment=augment,
+    )
 
 
 def make_step(config: Any, dataset: data_lib.Dataset) -> StepFn:

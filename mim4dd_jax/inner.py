@@ -70,35 +70,42 @@ def _epoch_batches(key: jax.Array, n: int, batch_size: int) -> tuple[jax.Array, 
     return idx.reshape(num_batches, batch_size), mask.reshape(num_batches, batch_size)
 
 
-def train_classifier(
+def sgd_epochs(
     key: jax.Array,
+    variables: PyTree,
     images: jax.Array,
     labels: jax.Array,
     lr: jax.Array | float,
     *,
     model: nn.Module,
-    config: TrainConfig = TrainConfig(),
+    passes: int,
+    batch_size: int,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    decay_after: int | None = None,
+    decay_factor: float = 0.1,
     augment: AugmentFn | None = None,
 ) -> PyTree:
-    """Trains a fresh ``model`` from scratch on (images, labels); returns its variables.
+    """``passes`` shuffled epochs of torch-style SGD on (images, labels); returns the variables.
+
+    torch.optim.SGD semantics: g += weight_decay * p; buf = momentum * buf + g; p -= lr * buf.
+    With ``decay_after`` set, the lr is multiplied by ``decay_factor`` after that (0-based) pass and
+    the momentum buffer restarts from zero, as when the reference re-creates its optimiser. The
+    last, smaller batch of a pass is padded to a static shape and masked out of the loss.
 
     Args:
-      key: PRNG key; it decides the initialisation, the shuffling and the augmentation.
-      images: [N, H, W, C] float32.
-      labels: [N] int32 hard labels, or [N, K] float32 soft labels.
-      lr: initial learning rate (a scalar; may be a traced, learned value).
-      model: a Flax classifier called as ``model.apply(v, x, train=...)``.
-      config: epochs, batch size, momentum, weight decay, decay factor.
-      augment: optional ``(key, images) -> images`` applied to every batch (e.g. DSA).
+      key: PRNG key for the shuffling and the augmentation.
+      variables: {'params': ..., optionally 'batch_stats': ...}.
+      images: [N, H, W, C] float32; labels: [N] int32 or soft [N, K] float32.
+      lr: scalar learning rate (may be traced).
+      augment: optional ``(key, images) -> images`` applied to every batch.
     """
     chex.assert_rank(images, 4)
     chex.assert_equal(images.shape[0], labels.shape[0])
     n = images.shape[0]
-    batch_size = min(config.batch_size, n)
-    boundary = config.epochs // 2 + 1  # the reference decays after this pass
-    init_key, data_key = jax.random.split(key)
-    variables = init_variables(model, init_key, images.shape[1:])
+    batch_size = min(batch_size, n)
     lr = jnp.asarray(lr, jnp.float32)
+    boundary = passes if decay_after is None else decay_after
 
     def loss_fn(params, state, x, y, mask):
         logits, new_vars = apply_train(model, {**state, "params": params}, x)
@@ -112,19 +119,16 @@ def train_classifier(
         if augment is not None:
             x = augment(jax.random.fold_in(bkey, b), x)
         grads, state = jax.grad(loss_fn, has_aux=True)(params, state, x, y, mask)
-        # torch.optim.SGD: g += wd * p; buf = m * buf + g; p -= lr * buf.
-        grads = jax.tree.map(lambda g, p: g + config.weight_decay * p, grads, params)
-        buf = jax.tree.map(lambda m, g: config.momentum * m + g, buf, grads)
+        grads = jax.tree.map(lambda g, p: g + weight_decay * p, grads, params)
+        buf = jax.tree.map(lambda m, g: momentum * m + g, buf, grads)
         params = jax.tree.map(lambda p, m: p - lr_now * m, params, buf)
         return (params, state, buf, lr_now, bkey), None
 
     def epoch(carry, e):
         params, state, buf = carry
-        ekey = jax.random.fold_in(data_key, e)
+        ekey = jax.random.fold_in(key, e)
         idx, mask = _epoch_batches(jax.random.fold_in(ekey, 0), n, batch_size)
-        after = e > boundary
-        lr_now = jnp.where(after, lr * config.decay_factor, lr)
-        # The reference re-creates the optimiser at the decay, which zeroes the momentum buffer.
+        lr_now = jnp.where(e > boundary, lr * decay_factor, lr)
         buf = jax.tree.map(lambda m: jnp.where(e == boundary + 1, jnp.zeros_like(m), m), buf)
         batches = (idx, mask, jnp.arange(idx.shape[0]))
         (params, state, buf, _, _), _ = jax.lax.scan(
@@ -135,8 +139,49 @@ def train_classifier(
     params = variables["params"]
     state = {k: v for k, v in variables.items() if k != "params"}
     buf = jax.tree.map(jnp.zeros_like, params)
-    (params, state, _), _ = jax.lax.scan(epoch, (params, state, buf), jnp.arange(config.epochs + 1))
+    (params, state, _), _ = jax.lax.scan(epoch, (params, state, buf), jnp.arange(passes))
     return {**state, "params": params}
+
+
+def train_classifier(
+    key: jax.Array,
+    images: jax.Array,
+    labels: jax.Array,
+    lr: jax.Array | float,
+    *,
+    model: nn.Module,
+    config: TrainConfig = TrainConfig(),
+    augment: AugmentFn | None = None,
+) -> PyTree:
+    """Trains a fresh ``model`` from scratch on (images, labels) with the reference evaluation
+    schedule (``config.epochs + 1`` passes, decay after pass ``epochs // 2 + 1``); returns its
+    variables.
+
+    Args:
+      key: PRNG key; it decides the initialisation, the shuffling and the augmentation.
+      images: [N, H, W, C] float32.
+      labels: [N] int32 hard labels, or [N, K] float32 soft labels.
+      lr: initial learning rate (a scalar; may be a traced, learned value).
+      model: a Flax classifier called as ``model.apply(v, x, train=...)``.
+      config: epochs, batch size, momentum, weight decay, decay factor.
+      augment: optional ``(key, images) -> images`` applied to every batch (e.g. DSA).
+    """
+    init_key, data_key = jax.random.split(key)
+    return sgd_epochs(
+        data_key,
+        init_variables(model, init_key, images.shape[1:]),
+        images,
+        labels,
+        lr,
+        model=model,
+        passes=config.epochs + 1,
+        batch_size=config.batch_size,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        decay_after=config.epochs // 2 + 1,
+        decay_factor=config.decay_factor,
+        augment=augment,
+    )
 
 
 def predict(
