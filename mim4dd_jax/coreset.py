@@ -133,15 +133,15 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     images = dataset.train_images[chosen]
     labels = dataset.train_labels[chosen]
     pixels = dataset.to_pixels(images)
-    io.save_distilled(
-        os.path.join(workdir, "distilled.npz"),
+    io.save_synthetic_set(
+        workdir,
         pixels,
         labels,
+        dataset.num_classes,
         lr=config.eval.lr,
         config=config.to_dict(),
         indices=chosen,
     )
-    io.save_grid(os.path.join(workdir, "grid.png"), pixels, labels, dataset.num_classes)
     logging.info(
         "selected %d images (%s, ipc %d); evaluating", len(chosen), config.method, config.ipc
     )

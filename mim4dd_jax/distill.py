@@ -402,15 +402,15 @@ def _save_artifacts(
 ) -> None:
     pixels = dataset.to_pixels(np.asarray(state["images"]))
     labels = np.asarray(state["labels"])
-    io.save_distilled(
-        os.path.join(workdir, "distilled.npz"),
+    io.save_synthetic_set(
+        workdir,
         pixels,
         labels,
+        dataset.num_classes,
         lr=config.eval.lr,
         config=config.to_dict(),
         iteration=np.int64(iteration),
     )
-    io.save_grid(os.path.join(workdir, "grid.png"), pixels, labels, dataset.num_classes)
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:

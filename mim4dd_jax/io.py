@@ -81,6 +81,23 @@ def save_distilled(
         )
 
 
+def save_synthetic_set(
+    workdir: str,
+    pixels: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    *,
+    lr: float,
+    config: Mapping[str, Any],
+    **extra: np.ndarray,
+) -> None:
+    """Writes a set's ``distilled.npz`` and ``grid.png``; pixels [N, H, W, C] in pixel space."""
+    save_distilled(
+        os.path.join(workdir, "distilled.npz"), pixels, labels, lr=lr, config=config, **extra
+    )
+    save_grid(os.path.join(workdir, "grid.png"), pixels, labels, num_classes)
+
+
 def image_grid(
     images: np.ndarray, labels: np.ndarray, num_classes: int, pad: int = 1
 ) -> np.ndarray:

@@ -8,8 +8,9 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import ROOT
+from helpers import run_cli as run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = "/usr/share/datasets/fashion-mnist"
 # Small and fast: a tiny ConvNet, few epochs, a subset of the test split.
 QUICK = [
@@ -18,18 +19,6 @@ QUICK = [
     "--config.model.width=8",
     "--config.data.test_per_class=20",
 ]
-
-
-def run(*args, cwd=ROOT):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "run.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 @pytest.fixture(scope="module")

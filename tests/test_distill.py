@@ -3,14 +3,13 @@ step compiles once, run.py writes the artifacts, and a bad optimizer name is one
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import run_cli
 
 from mim4dd_jax import augment, data, distill, evaluate, inner, objectives
 from mim4dd_jax import config as config_lib
@@ -203,18 +202,6 @@ def test_inner_loop_training_lowers_the_synthetic_cross_entropy(dataset):
 def test_unknown_optimizer_is_a_config_error():
     with pytest.raises(ConfigError, match="'bogus'.*'sgd'"):
         distill.make_optimizer("bogus", 0.1)
-
-
-def run_cli(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "run.py"), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def test_cli_unknown_optimizer_gives_one_line_and_exit_code_2(tmp_path):
