@@ -122,14 +122,14 @@ def select(key: jax.Array, dataset: data_lib.Dataset, config: Any) -> np.ndarray
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
     """Selects a coreset, evaluates it, and writes ``distilled.npz``, ``grid.png``, results."""
-    # The ZCA fit is cached only in a workdir that already exists (a re-run), so a failing first
-    # run leaves nothing behind.
-    cache_dir = workdir if os.path.isdir(workdir) else None
-    dataset = data_lib.load_from_config(config.data, cache_dir=cache_dir)
+    # Data-dependent checks come before the workdir is created; the ZCA fit is then cached in it.
+    dataset = data_lib.load_from_config(config.data, whitened=False)
+    config_lib.check_ipc(config.ipc, data_lib.smallest_class(dataset))
+    workdir = io.prepare_workdir(workdir)
+    dataset = data_lib.whiten_from_config(dataset, config.data, cache_dir=workdir)
     key = jax.random.key(config.seed)
     select_key, eval_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
     chosen = select(select_key, dataset, config).reshape(-1)
-    workdir = io.prepare_workdir(workdir)
     images = dataset.train_images[chosen]
     labels = dataset.train_labels[chosen]
     pixels = dataset.to_pixels(images)

@@ -257,12 +257,7 @@ def load_dataset(
     x_train = (x_train - mean) / std
     x_test = (x_test - mean) / std
     num_classes = int(max(y_train.max(), y_test.max())) + 1
-    fitted = None
-    if zca:
-        fitted = fit_zca_cached(x_train, zca_reg, cache_dir)
-        x_train = np.asarray(zca_apply(fitted, jnp.asarray(x_train)))
-        x_test = np.asarray(zca_apply(fitted, jnp.asarray(x_test)))
-    return Dataset(
+    dataset = Dataset(
         name=name,
         train_images=x_train,
         train_labels=y_train.astype(np.int32),
@@ -271,23 +266,51 @@ def load_dataset(
         num_classes=num_classes,
         mean=mean,
         std=std,
+        zca=None,
+    )
+    return whiten(dataset, zca_reg, cache_dir) if zca else dataset
+
+
+def whiten(dataset: Dataset, reg: float = 0.1, cache_dir: str | None = None) -> Dataset:
+    """ZCA-whitens both splits with a fit on the (normalised) train split, cached in cache_dir."""
+    if dataset.zca is not None:
+        raise ConfigError(f"dataset {dataset.name!r} is already ZCA-whitened")
+    fitted = fit_zca_cached(dataset.train_images, reg, cache_dir)
+    return dataset._replace(
+        train_images=np.asarray(zca_apply(fitted, jnp.asarray(dataset.train_images))),
+        test_images=np.asarray(zca_apply(fitted, jnp.asarray(dataset.test_images))),
         zca=fitted,
     )
 
 
-def load_from_config(data_cfg: Mapping[str, Any], cache_dir: str | None = None) -> Dataset:
-    """``load_dataset`` driven by a ``config.data`` block."""
-    return load_dataset(
+def smallest_class(dataset: Dataset) -> int:
+    """The number of train examples in the smallest class."""
+    return int(np.bincount(dataset.train_labels, minlength=dataset.num_classes).min())
+
+
+def load_from_config(
+    data_cfg: Mapping[str, Any], cache_dir: str | None = None, *, whitened: bool = True
+) -> Dataset:
+    """``load_dataset`` driven by a ``config.data`` block; ``whitened=False`` defers the ZCA of
+    ``data.zca`` (apply it with :func:`whiten_from_config` once a cache folder exists)."""
+    dataset = load_dataset(
         data_cfg["name"],
         source=data_cfg.get("source", "auto"),
         path=data_cfg.get("path", ""),
         tfds_data_dir=data_cfg.get("tfds_data_dir", ""),
         train_per_class=data_cfg.get("train_per_class", 0),
         test_per_class=data_cfg.get("test_per_class", 0),
-        zca=data_cfg.get("zca", False),
-        zca_reg=data_cfg.get("zca_reg", 0.1),
-        cache_dir=cache_dir,
     )
+    return whiten_from_config(dataset, data_cfg, cache_dir) if whitened else dataset
+
+
+def whiten_from_config(
+    dataset: Dataset, data_cfg: Mapping[str, Any], cache_dir: str | None = None
+) -> Dataset:
+    """Applies ``data.zca`` (with ``data.zca_reg``) to a loaded dataset; a no-op when it is off."""
+    if not data_cfg.get("zca", False):
+        return dataset
+    return whiten(dataset, data_cfg.get("zca_reg", 0.1), cache_dir)
 
 
 # ----------------------------------------------------------------------------- ZCA

@@ -423,15 +423,16 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     """
     from tqdm import tqdm
 
-    cache_dir = workdir if os.path.isdir(workdir) else None
-    dataset = data_lib.load_from_config(config.data, cache_dir=cache_dir)
+    # Data-dependent checks come before the workdir is created; the ZCA fit is then cached in it.
+    dataset = data_lib.load_from_config(config.data, whitened=False)
+    config_lib.check_ipc(config.ipc, data_lib.smallest_class(dataset))
+    workdir = io.prepare_workdir(workdir)
+    dataset = data_lib.whiten_from_config(dataset, config.data, cache_dir=workdir)
     index = data_lib.class_index(dataset.train_labels, dataset.num_classes)
-    config_lib.check_ipc(config.ipc, int(np.min(np.asarray(index.counts))))
     d = config.distill
     key = jax.random.key(config.seed)
     state = init_state(jax.random.fold_in(key, 0), dataset, config)
     step = make_step(config, dataset)
-    workdir = io.prepare_workdir(workdir)
     writer = io.MetricWriter(workdir)
     real_images = jax.device_put(jnp.asarray(dataset.train_images, jnp.float32))
     eval_key, step_key = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)

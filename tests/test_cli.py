@@ -46,17 +46,21 @@ def tiny_folder(tmp_path_factory):
 @pytest.mark.parametrize("method", ["random", "herding"])
 def test_coreset_end_to_end_on_real_fashion_mnist(tmp_path, method):
     workdir = tmp_path / "run"
-    extra = ["--config.coreset.features=random_net", "--config.data.train_per_class=200"]
+    # herding: features of a random net; random: with ZCA, whose fit is cached in the workdir.
+    extra = {
+        "herding": ["--config.coreset.features=random_net", "--config.data.train_per_class=200"],
+        "random": ["--config.data.zca=True", "--config.data.train_per_class=300"],
+    }[method]
     r = run(
-        f"--config=configs/fashion_mnist.py:{method},ipc2",
-        f"--workdir={workdir}",
-        *QUICK,
-        *(extra if method == "herding" else []),
+        f"--config=configs/fashion_mnist.py:{method},ipc2", f"--workdir={workdir}", *QUICK, *extra
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    if method == "random":
+        assert len(list(workdir.glob("zca_*.npz"))) == 1
     with np.load(workdir / "distilled.npz") as f:
         assert f["images"].shape == (20, 28, 28, 1)
-        assert 0.0 <= f["images"].min() and f["images"].max() <= 1.0  # pixel space
+        # Pixel space (de-normalised, ZCA inverted): real images come back within [0, 1].
+        assert -1e-3 <= f["images"].min() and f["images"].max() <= 1.0 + 1e-3
         np.testing.assert_array_equal(np.bincount(f["labels"]), np.full(10, 2))
         assert json.loads(str(f["config"]))["method"] == method
     assert (workdir / "grid.png").stat().st_size > 0

@@ -178,7 +178,13 @@ def test_zca_inverse_and_whitening(tmp_path):
 
 def test_load_dataset_with_zca_maps_back_to_pixels(tmp_path):
     _fake_mnist_folder(tmp_path, n_train=200)
+    plain = data.load_dataset("x", path=str(tmp_path))
+    assert data.smallest_class(plain) == 20
     ds = data.load_dataset("x", path=str(tmp_path), zca=True, zca_reg=0.1)
+    later = data.whiten(plain, 0.1)  # the deferred form that the run functions use
+    np.testing.assert_allclose(later.train_images, ds.train_images, atol=1e-5)
+    with pytest.raises(ConfigError, match="already ZCA-whitened"):
+        data.whiten(ds)
     raw = data.load_raw("x", path=str(tmp_path))
     np.testing.assert_allclose(ds.to_pixels(ds.train_images), raw.x_train / 255.0, atol=1e-3)
 
