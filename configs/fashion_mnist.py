@@ -52,9 +52,16 @@ LOCAL = {
     "distill.log_every": 1,
 }
 _LOCAL_DISTILL = {"eval.epochs": 20, "eval.num_models": 1, "data.test_per_class": 100}
+_LOCAL_EXPERTS = {
+    "experts.num": 2,
+    "experts.epochs": 2,
+    "data.train_per_class": 100,
+    "data.test_per_class": 100,
+}
+_LOCAL_BY_MODE = {"distill": _LOCAL_DISTILL, "experts": _LOCAL_EXPERTS}
 
 
 def get_config(arg: str = "random,ipc10"):
     method = cfg.parse_arg(arg)[0]
-    local = {**LOCAL, **_LOCAL_DISTILL} if cfg.METHODS[method] == "distill" else LOCAL
+    local = {**LOCAL, **_LOCAL_BY_MODE.get(cfg.METHODS[method], {})}
     return cfg.build(DATASET, arg, hparams=HPARAMS, local=local)

@@ -35,7 +35,17 @@ def _distill(config: Any, workdir: str) -> Any:
     return distill.run(config, workdir)
 
 
-MODES: dict[str, Callable[[Any, str], Any]] = {"coreset": _coreset, "distill": _distill}
+def _experts(config: Any, workdir: str) -> Any:
+    from mim4dd_jax import experts
+
+    return experts.run(config, workdir)
+
+
+MODES: dict[str, Callable[[Any, str], Any]] = {
+    "coreset": _coreset,
+    "distill": _distill,
+    "experts": _experts,
+}
 
 
 def fail(message: str) -> None:

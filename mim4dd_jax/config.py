@@ -22,6 +22,8 @@ METHODS = {
     "dm": "distill",
     "dc": "distill",
     "dsa": "distill",
+    "mtt": "distill",
+    "experts": "experts",
 }
 ARG_FLAGS = ("local",)
 DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
@@ -138,6 +140,23 @@ def build(
 
     c.coreset = ml_collections.ConfigDict(dict(features="trained_net", feature_epochs=1))
 
+    # Expert trajectories for MTT (mode "experts"; Cazenavette et al. 2022, buffer.py): ``num``
+    # networks trained ``epochs`` epochs on the real train split with plain SGD and per-sample
+    # DSA, parameters kept after every epoch. ``group`` experts train together as one vmapped
+    # program (0 = auto: 1 on CPU, up to 8 on accelerators).
+    c.experts = ml_collections.ConfigDict(
+        dict(
+            num=10,
+            epochs=50,
+            lr=0.01,
+            momentum=0.0,
+            weight_decay=0.0,
+            batch_size=256,
+            dsa=True,
+            group=0,
+        )
+    )
+
     # Distillation (mode "distill"). outer_loop/inner_loop 0 = the reference's per-IPC values
     # (objectives.dc_loops); eval_every 0 = evaluate at the end only.
     c.distill = ml_collections.ConfigDict(
@@ -155,11 +174,45 @@ def build(
             inner_loop=0,
             lr_net=0.01,
             batch_train=256,
+            init_from="",
+            freeze_loaded=True,
+            checkpoint_every=100,
+            keep_checkpoints=3,
         )
     )
+    # Trajectory matching (Cazenavette et al. 2022). experts_dir: the workdir of an "experts" run.
+    # Each iteration samples num_trajectories (expert, start epoch < max_start_epoch) pairs and
+    # unrolls syn_steps student steps (minibatches of batch_syn; 0 = all images) from theta*_t
+    # towards theta*_{t+expert_epochs}. The student lr starts at lr_teacher and, with learn_lr,
+    # is learned as log_lr; lr_lr keeps the reference's meaning (a step size on the lr itself).
+    # learn_labels: soft labels, learned as logits initialised to label_logit * one-hot.
+    # remat: "auto" (on except on GPU/TPU), "on" or "off".
+    c.mtt = ml_collections.ConfigDict(
+        dict(
+            experts_dir="",
+            syn_steps=20,
+            expert_epochs=2,
+            max_start_epoch=20,
+            lr_teacher=0.01,
+            learn_lr=True,
+            lr_lr=1e-5,
+            batch_syn=0,
+            num_trajectories=1,
+            remat="auto",
+            learn_labels=False,
+            lr_labels=1.0,
+            label_logit=10.0,
+        )
+    )
+    # A step with a non-finite loss or gradient is skipped (the state is kept); after
+    # max_consecutive such steps in a row the run stops.
+    c.guard = ml_collections.ConfigDict(dict(max_consecutive=10))
     # The MIM4DD term: total = base + weight * mi_loss. 0 (the default) is the pure base method.
     # layers=() uses every block; layer_weights=() weighs them all 1; chunk_size, k_pos, k_neg,
     # n_data = 0 mean "off" (None in mi.MIConfig). optimizer/lr train the projection heads.
+    # networks: "paired" takes real features from the real-side network (MTT: the expert at
+    # t+M) and synthetic ones from the synthetic-side network (MTT: the student after the
+    # unroll); "shared" passes both through the synthetic-side network. DM/DC have one network.
     c.mi = ml_collections.ConfigDict(
         dict(
             weight=0.0,
@@ -180,6 +233,7 @@ def build(
             n_data=0.0,
             optimizer="adam",
             lr=1e-3,
+            networks="paired",
         )
     )
 
@@ -256,16 +310,44 @@ def _validate_distill(c: ml_collections.ConfigDict, distill: Any) -> None:
         ("distill.batch_real", d.batch_real, 1),
         ("distill.batch_train", d.batch_train, 1),
         ("distill.log_every", d.log_every, 1),
+        ("distill.checkpoint_every", d.checkpoint_every, 0),
+        ("distill.keep_checkpoints", d.keep_checkpoints, 1),
+        ("guard.max_consecutive", c.guard.max_consecutive, 1),
+        ("mtt.syn_steps", c.mtt.syn_steps, 1),
+        ("mtt.expert_epochs", c.mtt.expert_epochs, 1),
+        ("mtt.max_start_epoch", c.mtt.max_start_epoch, 1),
+        ("mtt.batch_syn", c.mtt.batch_syn, 0),
+        ("mtt.num_trajectories", c.mtt.num_trajectories, 1),
+        ("experts.num", c.experts.num, 1),
+        ("experts.epochs", c.experts.epochs, 1),
+        ("experts.batch_size", c.experts.batch_size, 1),
+        ("experts.group", c.experts.group, 0),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ConfigError(f"{field} must be an integer >= {minimum}, got {value!r}")
-    for field, value in (("distill.lr", d.lr), ("distill.lr_net", d.lr_net), ("mi.lr", c.mi.lr)):
+    for field, value in (
+        ("distill.lr", d.lr),
+        ("distill.lr_net", d.lr_net),
+        ("mi.lr", c.mi.lr),
+        ("mi.temperature", c.mi.temperature),
+        ("mtt.lr_teacher", c.mtt.lr_teacher),
+        ("mtt.lr_lr", c.mtt.lr_lr),
+        ("mtt.lr_labels", c.mtt.lr_labels),
+        ("experts.lr", c.experts.lr),
+    ):
         if not value > 0:
             raise ConfigError(f"{field} must be > 0, got {value!r}")
     if not 0 <= d.momentum < 1:
         raise ConfigError(f"distill.momentum must be in [0, 1), got {d.momentum!r}")
     if not c.mi.weight >= 0:
         raise ConfigError(f"mi.weight must be >= 0, got {c.mi.weight!r}")
+    check_choice("mi.networks", c.mi.networks, distill.MI_NETWORKS)
+    check_choice("mtt.remat", c.mtt.remat, distill.REMAT)
+    if c.mtt.learn_labels and c.method != "mtt":
+        raise ConfigError(
+            f"mtt.learn_labels is for method mtt, not {c.method!r}; valid: --config.method=mtt "
+            "or mtt.learn_labels=False"
+        )
     mi.make_config(**distill.mi_options(c.mi))
     if c.method in ("dc", "dsa") and not (d.outer_loop and d.inner_loop):
         objectives.dc_loops(c.ipc)

@@ -150,9 +150,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         "method": config.method,
         "ipc": config.ipc,
         "dataset": dataset.name,
-        "accuracy": {
-            r.model: {"mean": r.mean, "std": r.std, "all": r.accuracies.tolist()} for r in results
-        },
+        "accuracy": {r.model: r.as_dict() for r in results},
     }
     io.MetricWriter(workdir).write(0, **summary)
     with io.atomic_write(os.path.join(workdir, "results.json"), "w") as f:

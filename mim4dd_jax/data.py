@@ -82,6 +82,13 @@ class Dataset(NamedTuple):
             x = np.asarray(zca_inverse(self.zca, jnp.asarray(x)))
         return x * self.std + self.mean
 
+    def from_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`to_pixels`: [N, H, W, C] pixel space -> model space (float32)."""
+        x = (np.asarray(pixels, np.float32) - self.mean) / self.std
+        if self.zca is not None:
+            x = np.asarray(zca_apply(self.zca, jnp.asarray(x)))
+        return x.astype(np.float32)
+
 
 # ----------------------------------------------------------------------------- IDX / MNIST folder
 

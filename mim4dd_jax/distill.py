@@ -1,15 +1,19 @@
-"""Distillation with DM or DC/DSA, optionally plus the MIM4DD mutual-information term.
+"""Distillation with DM, DC/DSA or MTT, optionally plus the MIM4DD mutual-information term.
 
 The synthetic state is a plain dict pytree::
 
     {"images": [C * ipc, H, W, Ch] float32 (model space, class-major: image i has class i // ipc),
-     "labels": [C * ipc] int32 (fixed),
+     "labels": [C * ipc] int32 (fixed), or [C * ipc, C] float32 logits (MTT, mtt.learn_labels),
+     "log_lr": [] float32, the student lr of MTT as its log (learned with mtt.learn_lr; for the
+               other methods it is log(eval.lr) and fixed),
+     "trainable": [C * ipc] bool, False for images that are kept as loaded (incremental growth),
      "heads": mi.init_heads params, one per MI layer (present, and untouched, when mi.weight = 0),
-     "opt_state": {"images": optax state, "heads": optax state}}
+     "opt_state": one optax state per learned part ("images", "heads", "log_lr", "labels")}
 
 One iteration is one jitted, pure :func:`make_step` function ``step(state, key, real_images,
-class_index) -> (state, metrics)`` with the state donated; the real train split lives on device
-and per-class real batches are drawn inside the step (``data.sample_per_class``).
+class_index, experts) -> (state, metrics)`` with the state donated; the real train split (and,
+for MTT, the expert trajectories) live on device, and per-class real batches and (expert, start
+epoch) pairs are drawn inside the step.
 
 - **DM** (Zhao & Bilen, 2023): a fresh, frozen random network per iteration; loss =
   ``objectives.dm_loss_and_features`` with siamese DSA; one image update per iteration.
@@ -18,25 +22,35 @@ and per-class real batches are drawn inside the step (``data.sample_per_class``)
   between two of them the network trains ``inner_loop`` epochs on the (updated, constant)
   synthetic set with plain SGD at ``distill.lr_net`` (the reference's 0.01, no momentum), with
   per-sample DSA for DSA. The loop over outer steps is a ``lax.scan`` inside the step.
-  DSA = DC with siamese augmentation (``distill.dsa``).
-- **MIM4DD add-on**: total = base + mi.weight * mi.mi_loss (= -sum_l w_l MI_l). Both the real and
-  the synthetic features are the per-block feature maps of the SAME network that the base loss
-  uses at that moment (DM: the sampled network; DC: the network at that outer step), on the same
-  (siamese-augmented) batches. The projection heads have their own optax optimiser and descend the
-  same total, i.e. they maximise the MI bound. ``mi.weight == 0`` skips the MI code at trace time
-  and the MI term consumes no random numbers, so the base method is reproduced exactly.
+- **MTT** (Cazenavette et al., 2022): ``mtt.num_trajectories`` (expert, start epoch t) pairs per
+  iteration; the student starts at theta*_t, takes ``mtt.syn_steps`` SGD steps on synthetic
+  minibatches with per-sample DSA (``objectives.student_unroll``, a ``lax.scan``, rematerialised
+  per step unless ``mtt.remat`` is off), and the loss is ``objectives.mtt_loss`` against
+  theta*_{t+expert_epochs}, averaged over the pairs (vmapped). The student lr is exp(log_lr), so
+  it stays positive.
+- **MIM4DD add-on**: total = base + mi.weight * mi.mi_loss (= -sum_l w_l MI_l). Synthetic
+  features come from the synthetic-side network and real features from the real-side network:
+  DM uses the sampled network for both, DC the network at that outer step (on the batches and
+  siamese DSA views that the base loss matched); MTT takes the synthetic features from the
+  student after its unroll (on all synthetic images) and the real ones from the expert at
+  t + expert_epochs (on a fresh class-balanced real batch, the same siamese views per class).
+  ``mi.networks = "shared"`` sends the MTT real batch through the student instead. The heads
+  have their own optax optimiser and descend the same total, i.e. they maximise the MI bound.
+  ``mi.weight == 0`` skips the MI code at trace time and the MI term consumes no random
+  numbers, so the base method is reproduced exactly.
+- **Numerical guard**: a step whose loss or any gradient is not finite leaves the state
+  unchanged (metric "skipped" = 1); ``run`` stops after ``guard.max_consecutive`` in a row.
 
 Randomness (part of the contract, tests rely on it): ``init_state`` uses ``fold_in(key, 0)`` for
 the images and ``fold_in(key, 1)`` for the heads. In a DM step, ``fold_in(key, 0|1|2)`` draw the
 real batch, the network and the DSA transforms. In a DC step, ``fold_in(key, 0)`` draws the
 network, outer step ``o`` uses ``k = fold_in(fold_in(key, 1), o)`` (``fold_in(k, 0)``: real
 batch, ``fold_in(k, 1)``: DSA) and the network training after it ``fold_in(fold_in(key, 2), o)``.
-``run`` uses ``fold_in(seed_key, 0)`` for ``init_state``, ``fold_in(seed_key, 1)`` for every
-evaluation and ``fold_in(fold_in(seed_key, 2), it)`` for iteration ``it``.
-
-Not in this slice: MTT and experts, learnable soft labels or lr, init from a ``distilled.npz``,
-incremental IPC growth, memory banks, checkpoints and resume (a restarted run starts over),
-TensorBoard and ``accuracy.png``.
+In an MTT step, ``fold_in(key, 0)`` draws the (expert, start) pairs, ``fold_in(key, 1)`` the
+student minibatches and DSA (split per pair), ``fold_in(key, 2)`` the MI real batch and
+``fold_in(key, 3)`` its DSA views. ``run`` uses ``fold_in(seed_key, 0)`` for ``init_state``,
+``fold_in(seed_key, 1)`` for every evaluation and ``fold_in(fold_in(seed_key, 2), it)`` for
+iteration ``it``, so a resumed run replays exactly the iterations it had not done.
 """
 
 from __future__ import annotations
@@ -44,8 +58,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
+import resource
+import signal
 import time
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -56,21 +74,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.flatten_util import ravel_pytree
 
 from mim4dd_jax import augment as augment_lib
+from mim4dd_jax import checkpoint as checkpoint_lib
 from mim4dd_jax import config as config_lib
 from mim4dd_jax import data as data_lib
 from mim4dd_jax import evaluate as evaluate_lib
 from mim4dd_jax import inner, io, mi, models, objectives
-from mim4dd_jax.errors import check_choice
+from mim4dd_jax.errors import ConfigError, check_choice
 
 State = dict[str, Any]
 Metrics = dict[str, jax.Array]
-StepFn = Callable[[State, jax.Array, jax.Array, data_lib.ClassIndex], tuple[State, Metrics]]
+StepFn = Callable[..., tuple[State, Metrics]]
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "lion", "lamb")
 INITS = ("real", "noise")
-BASES = ("dm", "dc", "dsa")
+BASES = ("dm", "dc", "dsa", "mtt")
+REMAT = ("auto", "on", "off")
+MI_NETWORKS = ("paired", "shared")
 
 # config.mi fields passed to the mi module; those in _ZERO_IS_NONE use 0 for "off" (None there).
 _MI_FIELDS = (
@@ -124,7 +146,8 @@ def make_optimizer(name: str, lr: float, momentum: float = 0.0) -> optax.Gradien
 
 
 def matching_strategy(config: Any, dataset_name: str) -> str | None:
-    """The siamese DSA strategy used while matching, or None (DC, or ``distill.dsa`` off)."""
+    """The DSA strategy used while distilling (siamese for DM/DC, per-sample in the MTT
+    student), or None (``distill.dsa`` off)."""
     if not config.distill.dsa:
         return None
     strategy = augment_lib.strategy_for_dataset(config.dsa.strategy, dataset_name)
@@ -140,6 +163,38 @@ def mi_layers(config: Any, model: nn.Module, image_shape: Sequence[int]) -> tupl
     return layers
 
 
+def resolve_remat(value: str, backend: str | None = None) -> bool:
+    """``mtt.remat``: "on", "off", or "auto" = on except on GPU/TPU. On CPU, rematerialising
+    each student step is both smaller and faster (BENCHMARKS.md); accelerators have the memory."""
+    check_choice("mtt.remat", value, REMAT)
+    if value == "auto":
+        return (backend or jax.default_backend()) not in ("gpu", "tpu")
+    return value == "on"
+
+
+def learned_parts(config: Any) -> tuple[str, ...]:
+    """The state entries the outer loop optimises, each with its own optax optimiser."""
+    parts = ["images"]
+    if config.mi.weight:
+        parts.append("heads")
+    if config.method == "mtt":
+        parts += ["log_lr"] if config.mtt.learn_lr else []
+        parts += ["labels"] if config.mtt.learn_labels else []
+    return tuple(parts)
+
+
+def _optimizers(config: Any) -> dict[str, optax.GradientTransformation]:
+    d, m = config.distill, config.mtt
+    # lr_lr is the reference's step on the lr itself; on log_lr, d/dlog = lr * d/dlr, so the
+    # same first steps need lr_lr / lr_teacher^2.
+    return {
+        "images": make_optimizer(d.optimizer, d.lr, d.momentum),
+        "heads": make_optimizer(config.mi.optimizer, config.mi.lr),
+        "log_lr": make_optimizer("sgd", m.lr_lr / m.lr_teacher**2, 0.5),
+        "labels": make_optimizer("sgd", m.lr_labels, 0.5),
+    }
+
+
 def _outer_inner(config: Any) -> tuple[int, int]:
     d = config.distill
     if d.outer_loop and d.inner_loop:
@@ -152,48 +207,163 @@ def _real_batch(config: Any, counts: np.ndarray) -> int:
     return int(min(config.distill.batch_real, int(np.min(counts))))
 
 
+def min_expert_epochs(config: Any) -> int:
+    """Epochs an expert needs: start epochs t < max_start_epoch, targets t + expert_epochs."""
+    return int(config.mtt.max_start_epoch) - 1 + int(config.mtt.expert_epochs)
+
+
 # ----------------------------------------------------------------------------------------------
-# State.
+# Initialisation (real / noise / an existing distilled.npz, incremental growth).
 # ----------------------------------------------------------------------------------------------
+
+
+class InitSet(dict):
+    """A loaded ``distilled.npz`` sorted class-major: "pixels" [C, k, H, W, Ch], "model" (the
+    stored model-space images when their normalisation matches this run, else absent),
+    "soft" [C, k, C] label probabilities (absent for hard labels) and "k"."""
+
+
+def read_init(path: str, dataset: data_lib.Dataset, config: Any) -> InitSet:
+    """Reads and checks ``distill.init_from``; ConfigError names the file and what is wrong."""
+    what = f"distill.init_from {path!r}"
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what}: no such file; expected a distilled.npz written by run.py")
+    try:
+        with np.load(path) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        images, labels = arrays["images"], arrays["labels"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise ConfigError(f"{what} is not a readable distilled.npz ({e})") from None
+    shape, num_classes = tuple(dataset.image_shape), dataset.num_classes
+    if images.ndim != 4 or tuple(images.shape[1:]) != shape:
+        raise ConfigError(
+            f"{what} holds images of shape {tuple(images.shape[1:])}; {dataset.name} needs {shape}"
+        )
+    if labels.ndim == 2 and labels.shape[1] != num_classes:
+        raise ConfigError(
+            f"{what} has soft labels over {labels.shape[1]} classes; "
+            f"{dataset.name} has {num_classes}"
+        )
+    hard = labels.argmax(-1) if labels.ndim == 2 else labels.astype(np.int64)
+    if len(hard) != len(images) or hard.min() < 0 or hard.max() >= num_classes:
+        raise ConfigError(
+            f"{what} has labels outside 0..{num_classes - 1} or not one per image; "
+            f"{dataset.name} has {num_classes} classes"
+        )
+    counts = np.bincount(hard, minlength=num_classes)
+    k = int(counts[0])
+    if np.any(counts != k) or k == 0:
+        raise ConfigError(
+            f"{what} has per-class counts {counts.tolist()}; valid: the same number of images "
+            f"for each of the {num_classes} classes"
+        )
+    if k > config.ipc:
+        raise ConfigError(
+            f"{what} has {k} images per class, more than ipc={config.ipc}; valid: ipc >= {k}"
+        )
+    order = np.argsort(hard, kind="stable")  # class-major, keeping the order within a class
+    out = InitSet(k=k, pixels=images[order].reshape(num_classes, k, *shape))
+    if labels.ndim == 2:
+        out["soft"] = labels[order].reshape(num_classes, k, num_classes).astype(np.float32)
+    same_space = (
+        "model_images" in arrays
+        and np.array_equal(arrays.get("mean"), dataset.mean)
+        and np.array_equal(arrays.get("std"), dataset.std)
+        and bool(arrays.get("zca", False)) == bool(config.data.zca)
+        and not config.data.zca  # a ZCA refit on other data would differ; go through pixels
+    )
+    if same_space:
+        out["model"] = arrays["model_images"][order].reshape(num_classes, k, *shape)
+    return out
+
+
+def _init_images(
+    key: jax.Array, dataset: data_lib.Dataset, config: Any
+) -> tuple[jax.Array, jax.Array]:
+    """Initial images [C*ipc, H, W, Ch] and the ``trainable`` mask [C*ipc] bool."""
+    check_choice("distill.init", config.distill.init, INITS)
+    num_classes, ipc, shape = dataset.num_classes, config.ipc, dataset.image_shape
+    if config.distill.init == "real":
+        index = data_lib.class_index(dataset.train_labels, num_classes)
+        chosen = np.asarray(data_lib.sample_per_class(key, index, ipc)).reshape(-1)
+        images = jnp.asarray(dataset.train_images[chosen], jnp.float32)
+    else:
+        images = jax.random.normal(key, (num_classes * ipc, *shape), jnp.float32)
+    trainable = jnp.ones((num_classes * ipc,), bool)
+    if not config.distill.init_from:
+        return images, trainable
+    loaded = read_init(config.distill.init_from, dataset, config)
+    k = loaded["k"]
+    old = loaded.get("model")
+    if old is None:
+        old = dataset.from_pixels(loaded["pixels"].reshape(-1, *shape)).reshape(
+            loaded["pixels"].shape
+        )
+    images = images.reshape(num_classes, ipc, *shape).at[:, :k].set(jnp.asarray(old))
+    if config.distill.freeze_loaded and k < ipc:
+        trainable = jnp.tile(jnp.arange(ipc) >= k, num_classes)
+    return images.reshape(-1, *shape), trainable
+
+
+def _init_labels(dataset: data_lib.Dataset, config: Any) -> jax.Array:
+    num_classes, ipc = dataset.num_classes, config.ipc
+    labels = objectives.class_labels(num_classes, ipc)
+    if not (config.method == "mtt" and config.mtt.learn_labels):
+        return labels
+    logits = config.mtt.label_logit * jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    if config.distill.init_from:
+        loaded = read_init(config.distill.init_from, dataset, config)
+        if "soft" in loaded:
+            k = loaded["k"]
+            old = jnp.log(jnp.maximum(jnp.asarray(loaded["soft"]), 1e-8))
+            logits = logits.reshape(num_classes, ipc, num_classes).at[:, :k].set(old)
+            logits = logits.reshape(-1, num_classes)
+    return logits
 
 
 def init_state(key: jax.Array, dataset: data_lib.Dataset, config: Any) -> State:
     """The initial synthetic state (see the module docstring for its layout).
 
     ``distill.init`` "real": ``ipc`` distinct random train images per class (class-balanced);
-    "noise": standard normal pixels in model space. The heads are ``mi.init_heads`` for the
-    blocks in ``mi.layers`` of ``config.model``.
+    "noise": standard normal pixels in model space. With ``distill.init_from`` (a distilled.npz
+    with k <= ipc images per class) the first k images of each class are the loaded ones; with
+    k < ipc and ``distill.freeze_loaded`` they stay bit-identical and only the new ones learn
+    (incremental growth). The heads are ``mi.init_heads`` for the blocks in ``mi.layers``.
     """
-    check_choice("distill.init", config.distill.init, INITS)
-    num_classes, ipc, shape = dataset.num_classes, config.ipc, dataset.image_shape
-    image_key, heads_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
-    if config.distill.init == "real":
-        index = data_lib.class_index(dataset.train_labels, num_classes)
-        chosen = np.asarray(data_lib.sample_per_class(image_key, index, ipc)).reshape(-1)
-        images = jnp.asarray(dataset.train_images[chosen], jnp.float32)
-    else:
-        images = jax.random.normal(image_key, (num_classes * ipc, *shape), jnp.float32)
+    num_classes, shape = dataset.num_classes, dataset.image_shape
+    images, trainable = _init_images(jax.random.fold_in(key, 0), dataset, config)
     model = evaluate_lib.build_model(config, num_classes)
     blocks = models.block_shapes(model, shape)
     layers = mi_layers(config, model, shape)
     heads = mi.init_heads(
-        heads_key, [(1, *blocks[layer]) for layer in layers], **mi_options(config.mi)
+        jax.random.fold_in(key, 1),
+        [(1, *blocks[layer]) for layer in layers],
+        **mi_options(config.mi),
     )
-    tx_images, tx_heads = _optimizers(config)
-    return {
+    lr = config.mtt.lr_teacher if config.method == "mtt" else config.eval.lr
+    state = {
         "images": images,
-        "labels": objectives.class_labels(num_classes, ipc),
+        "labels": _init_labels(dataset, config),
+        "log_lr": jnp.asarray(math.log(lr), jnp.float32),
+        "trainable": trainable,
         "heads": heads,
-        "opt_state": {"images": tx_images.init(images), "heads": tx_heads.init(heads)},
     }
+    txs = _optimizers(config)
+    state["opt_state"] = {name: txs[name].init(state[name]) for name in learned_parts(config)}
+    return state
 
 
-def _optimizers(config: Any) -> tuple[optax.GradientTransformation, ...]:
-    d = config.distill
-    return (
-        make_optimizer(d.optimizer, d.lr, d.momentum),
-        make_optimizer(config.mi.optimizer, config.mi.lr),
-    )
+def student_lr(state: State, config: Any) -> float:
+    """The lr models are evaluated with: the learned MTT lr, else ``eval.lr``."""
+    if config.method == "mtt" and config.mtt.learn_lr:
+        return float(np.exp(np.asarray(state["log_lr"])))
+    return float(config.eval.lr)
+
+
+def eval_labels(state: State) -> np.ndarray:
+    """Labels to train evaluation models on: ints, or softmax of learned logits [N, C]."""
+    labels = np.asarray(state["labels"])
+    return np.asarray(jax.nn.softmax(labels, axis=-1)) if labels.ndim == 2 else labels
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,6 +381,11 @@ def _augment_classes(keys: jax.Array, x: jax.Array, strategy: str | None) -> jax
 
 def _flat(x: jax.Array) -> jax.Array:
     return x.reshape(-1, *x.shape[2:])
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def train_on_synthetic(
@@ -248,13 +423,15 @@ def train_on_synthetic(
 
 
 def make_step(config: Any, dataset: data_lib.Dataset) -> StepFn:
-    """The jitted ``step(state, key, real_images, class_index) -> (state, metrics)``.
+    """The jitted ``step(state, key, real_images, class_index, experts=None) -> (state, metrics)``.
 
     real_images: [N, H, W, Ch] float32, the train split in model space (on device);
-    class_index: ``data.class_index`` of its labels. The state is donated. metrics: "loss" (the
-    total) and "base_loss" (DC: means over the outer steps), plus "mi" [L] (nats per MI layer)
-    when ``mi.weight > 0``; DC/DSA add "base_loss_outer" [outer_loop], the base loss at each outer
-    step. Only ``dataset``'s metadata and label counts are read here.
+    class_index: ``data.class_index`` of its labels; experts (MTT only): [E, T+1, P] float32
+    flattened expert trajectories (``experts.load``). The state is donated. metrics: "loss"
+    (the total), "base_loss" (DC: means over the outer steps), "skipped" (1 if the numerical
+    guard rejected the update), plus "mi" [L] (nats per MI layer) when ``mi.weight > 0``;
+    DC/DSA add "base_loss_outer" [outer_loop]; MTT adds "syn_lr". Only ``dataset``'s metadata
+    and label counts are read here.
     """
     method = config.method
     check_choice("distillation method", method, BASES)
@@ -265,15 +442,16 @@ def make_step(config: Any, dataset: data_lib.Dataset) -> StepFn:
     weight = float(config.mi.weight)
     layers = mi_layers(config, model, shape)
     opts = mi_options(config.mi)
-    tx_images, tx_heads = _optimizers(config)
+    txs = _optimizers(config)
+    parts = learned_parts(config)
     real_labels = objectives.class_labels(num_classes, n_real)
+    syn_classes = objectives.class_labels(num_classes, ipc)
 
     def with_mi(
         base: jax.Array,
         heads: Any,
         real_blocks: Sequence[jax.Array],
         syn_blocks: Sequence[jax.Array],
-        syn_labels: jax.Array,
     ) -> tuple[jax.Array, Metrics]:
         if not weight:
             return base, {"base_loss": base}
@@ -282,45 +460,45 @@ def make_step(config: Any, dataset: data_lib.Dataset) -> StepFn:
             [lax.stop_gradient(real_blocks[layer]) for layer in layers],
             [syn_blocks[layer] for layer in layers],
             real_labels,
-            syn_labels,
+            syn_classes,
             **opts,
         )
         return base + weight * mi_value, {"base_loss": base, "mi": aux["mi"]}
 
     def grad_and_update(loss_fn: Callable[..., Any], st: State, *args: Any) -> tuple[State, Any]:
-        """value_and_grad of loss_fn(images, heads, *args) and the optax updates."""
-        if weight:
-            (total, aux), (g_img, g_heads) = jax.value_and_grad(
-                loss_fn, argnums=(0, 1), has_aux=True
-            )(st["images"], st["heads"], *args)
-        else:
-            (total, aux), g_img = jax.value_and_grad(loss_fn, has_aux=True)(
-                st["images"], st["heads"], *args
-            )
-        opt = dict(st["opt_state"])
-        updates, opt["images"] = tx_images.update(g_img, opt["images"], st["images"])
-        new = {**st, "images": optax.apply_updates(st["images"], updates)}
-        if weight:
-            updates, opt["heads"] = tx_heads.update(g_heads, opt["heads"], st["heads"])
-            new["heads"] = optax.apply_updates(st["heads"], updates)
+        """value_and_grad of ``loss_fn(learned, st, *args)`` over the learned parts, their optax
+        updates, the growth mask, and the numerical guard."""
+        learned = {name: st[name] for name in parts}
+        (total, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(learned, st, *args)
+        new, opt = dict(st), dict(st["opt_state"])
+        for name in parts:
+            updates, opt[name] = txs[name].update(grads[name], opt[name], st[name])
+            new[name] = optax.apply_updates(st[name], updates)
+        keep = st["trainable"].reshape(-1, *([1] * len(shape)))
+        new["images"] = jnp.where(keep, new["images"], st["images"])
         new["opt_state"] = opt
-        return new, {"loss": total, **aux}
+        ok = jnp.isfinite(total) & _all_finite(grads)
+        new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, st)
+        return new, {"loss": total, **aux, "skipped": (~ok).astype(jnp.int32)}
 
-    def dm_loss(images, heads, labels, variables, real_x, aug_key):
-        syn_x = images.reshape(num_classes, ipc, *shape)
+    def heads_of(learned: State, st: State) -> Any:
+        return learned.get("heads", st["heads"])
+
+    def dm_loss(learned, st, variables, real_x, aug_key):
+        syn_x = learned["images"].reshape(num_classes, ipc, *shape)
         base, feats = objectives.dm_loss_and_features(
             variables, real_x, syn_x, aug_key, model=model, dsa_strategy=strategy
         )
-        return with_mi(base, heads, feats.real.blocks, feats.syn.blocks, labels)
+        return with_mi(base, heads_of(learned, st), feats.real.blocks, feats.syn.blocks)
 
-    def dm_step(state: State, key: jax.Array, real_images: jax.Array, index: Any):
+    def dm_step(state: State, key: jax.Array, real_images: jax.Array, index: Any, _experts):
         real_key, net_key, aug_key = (jax.random.fold_in(key, i) for i in range(3))
         real_x = real_images[data_lib.sample_per_class(real_key, index, n_real)]
         variables = inner.init_variables(model, net_key, shape)
-        return grad_and_update(dm_loss, state, state["labels"], variables, real_x, aug_key)
+        return grad_and_update(dm_loss, state, variables, real_x, aug_key)
 
-    def dc_loss(images, heads, labels, variables, real_x, aug_key):
-        syn_x = images.reshape(num_classes, ipc, *shape)
+    def dc_loss(learned, st, variables, real_x, aug_key):
+        syn_x = learned["images"].reshape(num_classes, ipc, *shape)
         state = {k: v for k, v in variables.items() if k != "params"}
         base = objectives.dc_loss(
             variables["params"],
@@ -332,16 +510,16 @@ def make_step(config: Any, dataset: data_lib.Dataset) -> StepFn:
             state=state,
         )
         if not weight:
-            return with_mi(base, heads, (), (), labels)
+            return with_mi(base, None, (), ())
         # The same views dc_loss matched: class c augmented with split(aug_key, C)[c].
         keys = jax.random.split(aug_key, num_classes)
         real_a = _augment_classes(keys, lax.stop_gradient(real_x), strategy)
         syn_a = _augment_classes(keys, syn_x, strategy)
         real_out = model.apply(variables, _flat(real_a), train=False, features=True)
         syn_out = model.apply(variables, _flat(syn_a), train=False, features=True)
-        return with_mi(base, heads, real_out.blocks, syn_out.blocks, labels)
+        return with_mi(base, heads_of(learned, st), real_out.blocks, syn_out.blocks)
 
-    def dc_step(state: State, key: jax.Array, real_images: jax.Array, index: Any):
+    def dc_step(state: State, key: jax.Array, real_images: jax.Array, index: Any, _experts):
         outer, inner_epochs = _outer_inner(config)
         variables = inner.init_variables(model, jax.random.fold_in(key, 0), shape)
         outer_key, train_key = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
@@ -353,9 +531,7 @@ def make_step(config: Any, dataset: data_lib.Dataset) -> StepFn:
             variables = objectives.refresh_batch_stats(
                 variables, _flat(real_x[:, :_BN_REAL_PER_CLASS]), model=model
             )
-            st, metrics = grad_and_update(
-                dc_loss, st, st["labels"], variables, real_x, jax.random.fold_in(k, 1)
-            )
+            st, metrics = grad_and_update(dc_loss, st, variables, real_x, jax.random.fold_in(k, 1))
             if outer > 1:
                 train = functools.partial(
                     train_on_synthetic,
@@ -374,17 +550,105 @@ def make_step(config: Any, dataset: data_lib.Dataset) -> StepFn:
 
         (state, _), per_outer = lax.scan(body, (state, variables), jnp.arange(outer))
         metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), per_outer)
+        metrics["skipped"] = jnp.sum(per_outer["skipped"])
         return state, {**metrics, "base_loss_outer": per_outer["base_loss"]}
 
-    base_step = dm_step if method == "dm" else dc_step
+    base_step = {"dm": dm_step, "dc": dc_step, "dsa": dc_step}.get(method)
+    if method == "mtt":
+        base_step = _mtt_step(config, dataset, model, strategy, n_real, with_mi, grad_and_update)
 
-    def step(state: State, key: jax.Array, real_images: jax.Array, index: Any):
+    def step(
+        state: State,
+        key: jax.Array,
+        real_images: jax.Array,
+        index: Any,
+        experts: jax.Array | None = None,
+    ):
         chex.assert_shape(state["images"], (num_classes * ipc, *shape))
         chex.assert_shape(real_images, (None, *shape))
         chex.assert_type(real_images, jnp.float32)
-        return base_step(state, key, real_images, index)
+        return base_step(state, key, real_images, index, experts)
 
     return jax.jit(step, donate_argnums=(0,))
+
+
+def _mtt_step(
+    config: Any,
+    dataset: data_lib.Dataset,
+    model: nn.Module,
+    strategy: str | None,
+    n_real: int,
+    with_mi: Callable[..., Any],
+    grad_and_update: Callable[..., Any],
+) -> Callable[..., Any]:
+    """The MTT step body (see the module docstring); shares make_step's MI and update code."""
+    num_classes, ipc, shape = dataset.num_classes, config.ipc, dataset.image_shape
+    m = config.mtt
+    variables = inner.init_variables(model, jax.random.key(0), shape)
+    if set(variables) != {"params"}:
+        raise ConfigError(
+            f"mtt needs a model without batch statistics; model.norm={config.model.norm!r} has "
+            f"{sorted(set(variables) - {'params'})}; valid: instance, layer, group or none"
+        )
+    _, unravel = ravel_pytree(variables["params"])
+    remat = resolve_remat(m.remat)
+    batch_syn = int(m.batch_syn) or num_classes * ipc
+    k_pairs = int(m.num_trajectories)
+    shared = config.mi.networks == "shared"
+
+    def loss_fn(learned, st, starts, targets, unroll_keys, real_x, aug_key):
+        images = learned["images"]
+        lr = objectives.lr_from_log(learned.get("log_lr", st["log_lr"]))
+        labels = learned.get("labels", st["labels"])
+        syn_y = jax.nn.softmax(labels, axis=-1) if labels.ndim == 2 else labels
+
+        def one(start, target, key):
+            start_params = unravel(start)
+            final = objectives.student_unroll(
+                start_params,
+                images,
+                syn_y,
+                lr,
+                key,
+                model=model,
+                syn_steps=int(m.syn_steps),
+                batch_syn=batch_syn,
+                dsa_strategy=strategy,
+                remat=remat,
+            )
+            return objectives.mtt_loss(final, start_params, unravel(target)), final
+
+        losses, finals = jax.vmap(one)(starts, targets, unroll_keys)
+        base = jnp.mean(losses)
+        if real_x is None:
+            total, metrics = with_mi(base, None, (), ())
+            return total, {**metrics, "syn_lr": lr}
+        student = jax.tree.map(lambda a: a[0], finals)
+        real_net = student if shared else unravel(targets[0])
+        keys = jax.random.split(aug_key, num_classes)
+        real_a = _augment_classes(keys, real_x, strategy)
+        syn_a = _augment_classes(keys, images.reshape(num_classes, ipc, *shape), strategy)
+        real_out = model.apply(
+            {"params": lax.stop_gradient(real_net)}, _flat(real_a), features=True
+        )
+        syn_out = model.apply({"params": student}, _flat(syn_a), features=True)
+        heads = learned.get("heads", st["heads"])
+        total, metrics = with_mi(base, heads, real_out.blocks, syn_out.blocks)
+        return total, {**metrics, "syn_lr": lr}
+
+    def mtt_step(state: State, key: jax.Array, real_images: jax.Array, index: Any, experts):
+        chex.assert_rank(experts, 3)
+        pair_key, unroll_key, real_key, aug_key = (jax.random.fold_in(key, i) for i in range(4))
+        e = jax.random.randint(jax.random.fold_in(pair_key, 0), (k_pairs,), 0, experts.shape[0])
+        t = jax.random.randint(jax.random.fold_in(pair_key, 1), (k_pairs,), 0, m.max_start_epoch)
+        starts, targets = experts[e, t], experts[e, t + m.expert_epochs]
+        unroll_keys = jax.random.split(unroll_key, k_pairs)
+        real_x = None
+        if config.mi.weight:
+            real_x = real_images[data_lib.sample_per_class(real_key, index, n_real)]
+        return grad_and_update(loss_fn, state, starts, targets, unroll_keys, real_x, aug_key)
+
+    return mtt_step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,87 +656,236 @@ def make_step(config: Any, dataset: data_lib.Dataset) -> StepFn:
 # ----------------------------------------------------------------------------------------------
 
 
-def _peak_memory() -> int | None:
+def _memory_stats() -> dict[str, int | None]:
+    """Peak device memory where the backend reports it, and the process's peak RSS."""
     stats = jax.local_devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use")
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"peak_memory_bytes": stats.get("peak_bytes_in_use"), "peak_rss_bytes": rss_kib * 1024}
 
 
 def _save_artifacts(
     workdir: str, state: State, dataset: data_lib.Dataset, config: Any, iteration: int
 ) -> None:
-    pixels = dataset.to_pixels(np.asarray(state["images"]))
-    labels = np.asarray(state["labels"])
+    model_images = np.asarray(state["images"])
+    pixels = dataset.to_pixels(model_images)
+    labels = eval_labels(state)
     io.save_synthetic_set(
         workdir,
         pixels,
         labels,
         dataset.num_classes,
-        lr=config.eval.lr,
+        lr=student_lr(state, config),
         config=config.to_dict(),
         iteration=np.int64(iteration),
+        # Model-space copy: growing or continuing from this file is then exact (no round trip
+        # through pixel space) when the normalisation matches.
+        model_images=model_images,
+        mean=dataset.mean,
+        std=dataset.std,
+        zca=np.bool_(dataset.zca is not None),
+    )
+    io.save_grid(
+        os.path.join(workdir, f"grid_{iteration:06d}.png"), pixels, labels, dataset.num_classes
+    )
+
+
+# Fields that may change between a run and its resumption without changing the images.
+_RESUMABLE_FIELDS = (
+    "distill.iterations",
+    "distill.eval_every",
+    "distill.log_every",
+    "distill.checkpoint_every",
+    "distill.keep_checkpoints",
+    "eval",
+    "guard",
+)
+
+
+def _config_fingerprint(config: Any) -> dict[str, Any]:
+    flat = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        for k, v in node.items():
+            name = f"{prefix}{k}"
+            if any(name == f or name.startswith(f + ".") for f in _RESUMABLE_FIELDS):
+                continue
+            if isinstance(v, Mapping):
+                walk(name + ".", v)
+            else:
+                flat[name] = v if isinstance(v, (int, float, str, bool)) else str(v)
+
+    walk("", config.to_dict())
+    return flat
+
+
+def check_same_run(workdir: str, config: Any) -> None:
+    """ConfigError if ``workdir`` holds a distillation with a different config (names the first
+    differing field); the run settings in ``_RESUMABLE_FIELDS`` may differ."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    new = json.loads(json.dumps(_config_fingerprint(config)))
+    for name in sorted(set(old) | set(new)):
+        if old.get(name) != new.get(name):
+            raise ConfigError(
+                f"workdir {workdir!r} holds a run with {name}={old.get(name)!r}, not "
+                f"{new.get(name)!r}; resume it with the same config or choose a new --workdir"
+            )
+
+
+class _StopRequest:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (then it checkpoints)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequest:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: no handlers, stop only by the end
+                pass
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _load_experts(config: Any, dataset: data_lib.Dataset) -> Any:
+    from mim4dd_jax import experts as experts_lib
+
+    folder = config.mtt.experts_dir
+    if not folder:
+        raise ConfigError(
+            "mtt needs expert trajectories: set --config.mtt.experts_dir to the workdir of "
+            "an experts run (python run.py --config=<dataset config>:experts --workdir=...)"
+        )
+    return experts_lib.load(
+        folder, dataset=dataset, config=config, min_epochs=min_expert_epochs(config)
     )
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
     """Distils ``config.data`` with ``config.method`` (+ MI) and writes the workdir artifacts.
 
-    Writes ``metrics.jsonl`` (loss, base loss, per-layer MI, s/iter, peak memory when the
-    backend reports it, and accuracy rows), ``distilled.npz`` (pixel space) and ``grid.png`` at
-    every evaluation (each ``distill.eval_every`` iterations, counting 0 = the initial set, and at
-    the end), and ``results.json``. No checkpoints: an interrupted run starts over.
+    Resumes from the newest checkpoint in ``workdir/checkpoints`` (same config required; see
+    :func:`check_same_run`). Writes ``metrics.jsonl`` and TensorBoard events (loss, base loss,
+    per-layer MI, MTT lr, skipped steps, s/iter, peak memory, compile count, accuracy rows),
+    ``distilled.npz`` (pixel space, plus a model-space copy), ``grid.png`` and
+    ``grid_<iteration>.png`` at every evaluation (each ``distill.eval_every`` iterations,
+    counting 0 = the initial set, and at the end), ``accuracy.png`` and ``results.json``.
+    SIGTERM/SIGINT save a checkpoint and stop.
     """
     from tqdm import tqdm
 
     # Data-dependent checks come before the workdir is created; the ZCA fit is then cached in it.
     dataset = data_lib.load_from_config(config.data, whitened=False)
     config_lib.check_ipc(config.ipc, data_lib.smallest_class(dataset))
+    if config.distill.init_from:
+        read_init(config.distill.init_from, dataset, config)
+    experts = _load_experts(config, dataset) if config.method == "mtt" else None
+    check_same_run(io.check_workdir(workdir), config)
     workdir = io.prepare_workdir(workdir)
     dataset = data_lib.whiten_from_config(dataset, config.data, cache_dir=workdir)
+    with io.atomic_write(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(_config_fingerprint(config), f, indent=1, sort_keys=True)
+
     index = data_lib.class_index(dataset.train_labels, dataset.num_classes)
     d = config.distill
     key = jax.random.key(config.seed)
     state = init_state(jax.random.fold_in(key, 0), dataset, config)
+    checkpoints = checkpoint_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=d.keep_checkpoints
+    )
+    start = 0
+    restored = checkpoints.restore(state)
+    if restored is not None:
+        start, state = restored
+        logging.warning("resuming %s from iteration %d", workdir, start)
     step = make_step(config, dataset)
-    writer = io.MetricWriter(workdir)
+    writer = io.MetricWriter(workdir, tensorboard=True)
     real_images = jax.device_put(jnp.asarray(dataset.train_images, jnp.float32))
+    trajectories = None if experts is None else jax.device_put(experts.trajectories)
     eval_key, step_key = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
     summary: dict[str, Any] = {"method": config.method, "ipc": config.ipc, "dataset": dataset.name}
 
     def evaluate(iteration: int) -> None:
         _save_artifacts(workdir, state, dataset, config, iteration)
         results = evaluate_lib.evaluate_from_config(
-            eval_key, np.asarray(state["images"]), np.asarray(state["labels"]), dataset, config
+            eval_key,
+            np.asarray(state["images"]),
+            eval_labels(state),
+            dataset,
+            config,
+            lr=student_lr(state, config),
         )
-        summary["accuracy"] = {
-            r.model: {"mean": r.mean, "std": r.std, "all": r.accuracies.tolist()} for r in results
-        }
+        summary["accuracy"] = {r.model: r.as_dict() for r in results}
         summary["iteration"] = iteration
         writer.write(iteration, accuracy=summary["accuracy"])
+        io.save_accuracy_plot(workdir)
         for r in results:
             tqdm.write(f"{config.method} ipc{config.ipc} it {iteration}: {r}")
 
     logging.info("distilling %s ipc %d for %d iterations", config.method, config.ipc, d.iterations)
-    bar = tqdm(range(d.iterations), desc=f"{config.method} ipc{config.ipc}", dynamic_ncols=True)
-    window_start, window_steps = time.perf_counter(), 0
-    for it in bar:
-        if d.eval_every and it % d.eval_every == 0:
-            evaluate(it)
-            window_start, window_steps = time.perf_counter(), 0
-        state, metrics = step(state, jax.random.fold_in(step_key, it), real_images, index)
-        window_steps += 1
-        if (it + 1) % d.log_every == 0 or it + 1 == d.iterations:
-            metrics = jax.device_get(metrics)  # the only host sync, once per log window
-            now = time.perf_counter()
-            row = {k: np.asarray(v).tolist() for k, v in metrics.items()}
-            # The first window includes compilation.
-            row["s_per_iter"] = (now - window_start) / window_steps
-            row["peak_memory_bytes"] = _peak_memory()
-            writer.write(it + 1, **row)
-            postfix = {"loss": f"{row['loss']:.4g}"}
-            if "mi" in row:
-                postfix["mi"] = f"{float(np.sum(row['mi'])):.3g}"
-            bar.set_postfix(postfix)
-            window_start, window_steps = now, 0
+    bar = tqdm(
+        range(start, d.iterations),
+        initial=start,
+        total=d.iterations,
+        desc=f"{config.method} ipc{config.ipc}",
+        dynamic_ncols=True,
+    )
+    window_start, window, consecutive_skips = time.perf_counter(), [], 0
+    with _StopRequest() as stop:
+        for it in bar:
+            if d.eval_every and it % d.eval_every == 0:
+                evaluate(it)
+                window_start, window = time.perf_counter(), []
+            state, metrics = step(
+                state, jax.random.fold_in(step_key, it), real_images, index, trajectories
+            )
+            window.append(metrics)
+            done = it + 1
+            if done % d.log_every == 0 or done == d.iterations or stop.signum is not None:
+                rows = jax.device_get(window)  # the only host sync, once per log window
+                now = time.perf_counter()
+                for m in rows:
+                    consecutive_skips = consecutive_skips + 1 if m["skipped"] else 0
+                row = {k: np.asarray(v).tolist() for k, v in rows[-1].items()}
+                row["skipped"] = int(sum(int(m["skipped"]) for m in rows))
+                # The first window includes compilation.
+                row["s_per_iter"] = (now - window_start) / len(rows)
+                row["compiles"] = step._cache_size()
+                row.update(_memory_stats())
+                writer.write(done, **row)
+                postfix = {"loss": f"{row['loss']:.4g}"}
+                if "mi" in row:
+                    postfix["mi"] = f"{float(np.sum(row['mi'])):.3g}"
+                bar.set_postfix(postfix)
+                window_start, window = now, []
+                if consecutive_skips >= config.guard.max_consecutive:
+                    checkpoints.close()
+                    raise ConfigError(
+                        f"{consecutive_skips} consecutive steps had a non-finite loss or "
+                        f"gradient (guard.max_consecutive={config.guard.max_consecutive}); "
+                        "lower distill.lr or mtt.lr_lr. The last good checkpoint and "
+                        "distilled.npz are kept"
+                    )
+            if stop.signum is not None or (d.checkpoint_every and done % d.checkpoint_every == 0):
+                checkpoints.save(done, state)
+            if stop.signum is not None:
+                checkpoints.close()
+                bar.close()
+                logging.warning("stopped by signal %d after iteration %d", stop.signum, done)
+                raise SystemExit(128 + stop.signum)
+    checkpoints.save(d.iterations, state)
+    checkpoints.close()
     evaluate(d.iterations)
     with io.atomic_write(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(summary, f, indent=2)

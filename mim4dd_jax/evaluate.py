@@ -36,6 +36,10 @@ class EvalResult(NamedTuple):
     def std(self) -> float:
         return float(np.std(self.accuracies))
 
+    def as_dict(self) -> dict[str, Any]:
+        """{"mean", "std", "all"} for results.json and metrics.jsonl."""
+        return {"mean": self.mean, "std": self.std, "all": self.accuracies.tolist()}
+
     def __str__(self) -> str:
         return f"{self.model}: {100 * self.mean:.2f} ± {100 * self.std:.2f} % ({len(self.accuracies)} models)"
 

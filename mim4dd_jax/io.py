@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 import time
+import zipfile
 from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
@@ -20,6 +22,7 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO[Any]]:
     """Writes ``path`` through a temporary file in the same folder, renamed on success only."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.basename(path))
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make results private
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -30,6 +33,12 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO[Any]]:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def check_workdir(workdir: str) -> str:
@@ -69,16 +78,29 @@ def save_distilled(
     config: Mapping[str, Any],
     **extra: np.ndarray,
 ) -> None:
-    """Writes ``distilled.npz``: images [N,H,W,C] in [0,1] pixel space, labels, lr, config JSON."""
-    with atomic_write(path) as f:
-        np.savez(
-            f,
-            images=np.asarray(images, np.float32),
-            labels=np.asarray(labels),
-            lr=np.float32(lr),
-            config=np.asarray(json.dumps(dict(config), sort_keys=True, default=str)),
-            **{k: np.asarray(v) for k, v in extra.items()},
-        )
+    """Writes ``distilled.npz``: images [N,H,W,C] in [0,1] pixel space, labels, lr, config JSON.
+
+    The file is a function of its contents only (see :func:`save_npz`): a resumed run writes
+    the same bytes as an uninterrupted one.
+    """
+    save_npz(
+        path,
+        images=np.asarray(images, np.float32),
+        labels=np.asarray(labels),
+        lr=np.float32(lr),
+        config=np.asarray(json.dumps(dict(config), sort_keys=True, default=str)),
+        **{k: np.asarray(v) for k, v in extra.items()},
+    )
+
+
+def save_npz(path: str, **arrays: np.ndarray) -> None:
+    """``np.savez`` (readable by ``np.load``), atomically, with fixed zip timestamps so that the
+    bytes depend on the arrays only."""
+    with atomic_write(path) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
+        for name, value in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
 
 
 def save_synthetic_set(
@@ -130,16 +152,101 @@ def save_grid(path: str, images: np.ndarray, labels: np.ndarray, num_classes: in
 
 
 class MetricWriter:
-    """Appends one JSON object per call to ``metrics.jsonl`` (flushed, so a crash loses nothing)."""
+    """Appends one JSON object per call to ``metrics.jsonl`` (flushed, so a crash loses nothing)
+    and, with ``tensorboard=True``, every number in it as a TensorBoard scalar under
+    ``workdir/tensorboard`` (nested keys and list entries joined with "/").
 
-    def __init__(self, workdir: str, name: str = "metrics.jsonl"):
+    TensorBoard needs the ``tensorboard`` package (installed with this one); where it is missing
+    (e.g. a bare accelerator image) a warning says so once and only the JSON lines are written.
+    """
+
+    def __init__(self, workdir: str, name: str = "metrics.jsonl", *, tensorboard: bool = False):
         self.path = os.path.join(workdir, name)
+        self._events = None
+        if tensorboard:
+            self._events = _event_writer(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, **values: Any) -> None:
         row = {"step": int(step), "time": time.time()}
         row.update({k: _jsonable(v) for k, v in values.items()})
         with open(self.path, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
+        if self._events is not None:
+            self._events(int(step), row["time"], dict(_scalars("", row)))
+
+
+def _scalars(prefix: str, value: Any) -> Iterator[tuple[str, float]]:
+    """(tag, number) pairs of a nested JSON-like value; step/time and non-numbers skipped."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not prefix and k in ("step", "time"):
+                continue
+            yield from _scalars(f"{prefix}/{k}" if prefix else str(k), v)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _scalars(f"{prefix}/{i}", v)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield prefix, float(value)
+
+
+def _event_writer(folder: str) -> Any:
+    """A ``(step, wall_time, {tag: value}) -> None`` TensorBoard scalar writer, or None."""
+    try:
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    except ImportError:
+        logging.warning("tensorboard is not installed: metrics go to metrics.jsonl only")
+        return None
+    writer = EventFileWriter(folder)
+
+    def write(step: int, wall_time: float, scalars: Mapping[str, float]) -> None:
+        values = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]
+        summary = summary_pb2.Summary(value=values)
+        writer.add_event(event_pb2.Event(wall_time=wall_time, step=step, summary=summary))
+        writer.flush()
+
+    return write
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl``; a torn last line (a crash mid-write) is ignored."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def save_accuracy_plot(workdir: str) -> None:
+    """Writes ``accuracy.png``: test accuracy (mean ± std over the evaluation models) against
+    the iteration, one line per architecture, from the "accuracy" rows of metrics.jsonl (the
+    last row per iteration wins, so a resumed run plots each point once)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; must precede pyplot
+    from matplotlib import pyplot as plt
+
+    curves: dict[str, dict[int, tuple[float, float]]] = {}
+    for row in read_metrics(os.path.join(workdir, "metrics.jsonl")):
+        for model, acc in (row.get("accuracy") or {}).items():
+            curves.setdefault(model, {})[row["step"]] = (acc["mean"], acc["std"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model, points in sorted(curves.items()):
+        steps = sorted(points)
+        mean = np.array([points[s][0] for s in steps]) * 100
+        std = np.array([points[s][1] for s in steps]) * 100
+        ax.errorbar(steps, mean, yerr=std, marker="o", capsize=3, label=model)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend()
+    with atomic_write(os.path.join(workdir, "accuracy.png")) as f:
+        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
 
 
 def _jsonable(v: Any) -> Any:

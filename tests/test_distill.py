@@ -9,10 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import run_cli
+from helpers import fake_dataset, run_cli, tiny_config
 
 from mim4dd_jax import augment, data, distill, evaluate, inner, objectives
-from mim4dd_jax import config as config_lib
 from mim4dd_jax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,38 +22,12 @@ KEY = jax.random.key(0)
 
 @pytest.fixture(scope="module")
 def dataset():
-    """3 classes of 8x8x1 gaussian images whose mean depends on the class."""
-    y = np.repeat(np.arange(C), PER_CLASS).astype(np.int32)
-    x = np.asarray(jax.random.normal(jax.random.key(42), (len(y), HW, HW, 1)))
-    x = (x + y[:, None, None, None]).astype(np.float32)
-    return data.Dataset(
-        name="fake",
-        train_images=x,
-        train_labels=y,
-        test_images=x,
-        test_labels=y,
-        num_classes=C,
-        mean=np.zeros(1, np.float32),
-        std=np.ones(1, np.float32),
-        zca=None,
-    )
+    return fake_dataset(C, PER_CLASS, HW)
 
 
 def make_config(method, **overrides):
-    c = config_lib.build({"name": "fake"}, f"{method},ipc{IPC}")
-    tiny = {
-        "model.width": 8,
-        "model.depth": 2,
-        "distill.batch_real": 5,
-        "distill.outer_loop": 2,
-        "distill.inner_loop": 1,
-        "distill.batch_train": 4,  # 6 synthetic images: a full and a padded batch
-        "mi.embed_dim": 16,
-        "dsa.strategy": "crop_flip",  # siamese DSA still, with a smaller program to compile
-    }
-    for dotted, value in {**tiny, **overrides}.items():
-        config_lib.set_dotted(c, dotted, value)
-    return c
+    # distill.batch_train 4: the 6 synthetic images make a full and a padded batch.
+    return tiny_config(f"{method},ipc{IPC}", **overrides)
 
 
 def run_steps(config, dataset, n, step=None, state=None):
