@@ -59,7 +59,66 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
         "eval.dsa": True,
         "eval.epochs": 1000,
     },
+    # MTT (Cazenavette et al. 2022): SGD momentum 0.5 on the pixels; the student and the
+    # evaluation models train with DSA; evaluation uses the learned lr, 1000 epochs.
+    "mtt": {
+        "distill.iterations": 5000,
+        "distill.lr": 1000.0,
+        "distill.momentum": 0.5,
+        "distill.dsa": True,
+        "distill.eval_every": 1000,
+        "eval.dsa": True,
+        "eval.epochs": 1000,
+    },
 }
+
+# ",local": a small variant of each mode, applied after the config file's own LOCAL (which holds
+# the coreset fields). Distillation: 20 iterations with 64 real images per class and one model
+# trained 20 epochs on 100 test images per class, i.e. a smoke test of the pipeline, not a result.
+LOCAL_BY_MODE: dict[str, dict[str, Any]] = {
+    "distill": {
+        "distill.iterations": 20,
+        "distill.batch_real": 64,
+        "distill.eval_every": 0,
+        "distill.log_every": 1,
+        "eval.epochs": 20,
+        "eval.num_models": 1,
+        "data.test_per_class": 100,
+        "mtt.syn_steps": 5,
+        "mtt.expert_epochs": 1,
+        "mtt.max_start_epoch": 2,
+    },
+    "experts": {
+        "experts.num": 2,
+        "experts.epochs": 2,
+        "data.train_per_class": 100,
+        "data.test_per_class": 100,
+    },
+}
+
+
+def mtt_hparams(
+    syn_steps: int,
+    expert_epochs: int,
+    max_start_epoch: int,
+    lr_img: float,
+    lr_lr: float,
+    lr_teacher: float = 0.01,
+    *,
+    zca: bool = False,
+    batch_syn: int = 0,
+) -> dict[str, Any]:
+    """One row of an MTT hyperparameter table as dotted config overrides."""
+    return {
+        "mtt.syn_steps": syn_steps,
+        "mtt.expert_epochs": expert_epochs,
+        "mtt.max_start_epoch": max_start_epoch,
+        "distill.lr": lr_img,
+        "mtt.lr_lr": lr_lr,
+        "mtt.lr_teacher": lr_teacher,
+        "data.zca": zca,
+        "mtt.batch_syn": batch_syn,
+    }
 
 
 def parse_arg(arg: str) -> tuple[str, int, set[str]]:
@@ -91,7 +150,8 @@ def build(
 ) -> ml_collections.ConfigDict:
     """The full config for ``dataset`` (the ``config.data`` fields) and ``arg``.
 
-    ``hparams[(method, ipc)]`` and then ``local`` (with the ``local`` flag) are merged over the
+    ``hparams[(method, ipc)]`` and then, with the ``local`` flag, ``local`` and
+    ``LOCAL_BY_MODE[mode]`` are merged over the
     defaults with dotted keys, e.g. ``{"eval.epochs": 1000}``.
     """
     method, ipc, flags = parse_arg(arg)
@@ -241,6 +301,7 @@ def build(
         METHOD_DEFAULTS.get(method, {}),
         (hparams or {}).get((method, ipc), {}),
         (local if "local" in flags else {}),
+        (LOCAL_BY_MODE.get(c.mode, {}) if "local" in flags else {}),
     ):
         for dotted, value in (overrides or {}).items():
             set_dotted(c, dotted, value)

@@ -2,12 +2,15 @@
 image and lr gradients are finite and nonzero, the MI add-on and soft labels learn, and a model
 with batch statistics is refused."""
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import fake_dataset, tiny_config
+from helpers import fake_dataset, run_cli, tiny_config
 from jax.flatten_util import ravel_pytree
 
 from mim4dd_jax import augment, data, distill, evaluate, inner, objectives
@@ -15,6 +18,7 @@ from mim4dd_jax.errors import ConfigError
 
 C, PER_CLASS, HW, IPC, EXPERTS, EPOCHS = 3, 12, 8, 2, 2, 3
 KEY = jax.random.key(0)
+FMNIST = "/usr/share/datasets/fashion-mnist"
 MTT = {
     "mtt.syn_steps": 3,
     "mtt.expert_epochs": 1,
@@ -152,3 +156,41 @@ def test_mtt_refuses_batch_norm_and_soft_labels_elsewhere(dataset):
 
     with pytest.raises(ConfigError, match="mtt.learn_labels"):
         config_lib.validate(tiny_config("dm,ipc1", **{"mtt.learn_labels": True}))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.path.isdir(FMNIST) and not os.environ.get("CI"), reason="needs dataset-fashion-mnist"
+)
+def test_experts_then_mtt_with_mi_end_to_end_on_fashion_mnist(tmp_path):
+    small = ["--config.model.width=8", "--config.model.depth=2", "--config.dsa.strategy=crop"]
+    experts_dir, workdir = tmp_path / "experts", tmp_path / "mtt"
+    r = run_cli(
+        "--config=configs/fashion_mnist.py:experts,local",
+        f"--workdir={experts_dir}",
+        "--config.data.train_per_class=30",
+        *small,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli(
+        "--config=configs/fashion_mnist.py:mtt,ipc1,local",
+        f"--workdir={workdir}",
+        f"--config.mtt.experts_dir={experts_dir}",
+        "--config.mi.weight=0.1",
+        "--config.mi.embed_dim=16",
+        "--config.distill.iterations=3",
+        "--config.distill.batch_real=8",
+        "--config.eval.epochs=2",
+        "--config.data.train_per_class=30",
+        "--config.data.test_per_class=10",
+        *small,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "loss" in row]
+    assert [row["step"] for row in steps] == [1, 2, 3]
+    for row in steps:
+        assert np.isfinite(row["base_loss"]) and row["syn_lr"] > 0 and len(row["mi"]) == 2
+    with np.load(workdir / "distilled.npz") as npz:
+        assert npz["images"].shape == (10, 28, 28, 1)
+        assert npz["lr"] == pytest.approx(steps[-1]["syn_lr"], rel=0.05)  # the learned lr
