@@ -104,13 +104,16 @@ def main(argv: Sequence[str]) -> None:
     config = _CONFIG.value
     try:
         from mim4dd_jax import config as config_lib
-        from mim4dd_jax import io
+        from mim4dd_jax import io, sharding
 
         mode = _MODE.value or config.mode
         check_choice("mode", mode, MODES)
         # Everything checkable is checked before the workdir is touched; modes create it only
         # once their data-dependent checks have passed.
         workdir = io.check_workdir(_WORKDIR.value)
+        # A multi-process launch must join jax.distributed before anything touches a device
+        # (validate counts the devices for config.mesh).
+        sharding.initialize_distributed(sharding.options(config)["distributed"])
         config_lib.validate(config)
         MODES[mode](config, workdir)
         print(f"results in {workdir}: " + ", ".join(sorted(os.listdir(workdir))))

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mim4dd_jax import augment as augment_lib
-from mim4dd_jax import inner, models
+from mim4dd_jax import inner, models, sharding
 
 
 class EvalResult(NamedTuple):
@@ -67,6 +67,7 @@ def evaluate(
     augment: inner.AugmentFn | None = None,
     test_batch_size: int = 500,
     parallel: str = "auto",
+    mesh: jax.sharding.Mesh | None = None,
 ) -> list[EvalResult]:
     """Trains ``num_models`` fresh models per architecture on (images, labels) and tests them.
 
@@ -78,25 +79,34 @@ def evaluate(
       parallel: ``vmap`` the K models, ``map`` them in sequence, or ``auto`` (per backend).
       architectures: (name, Flax module) pairs, e.g. from ``models.get_model``; several give a
         cross-architecture evaluation in one call.
+      mesh: spread the models over these devices (``inner.train_and_test_many``); None or one
+        device: all on the default device.
     """
+    if mesh is not None and sharding.size(mesh) == 1:
+        mesh = None  # the single-device program, compiled (and cached) as without a mesh
+    place = jnp.asarray
+    if mesh is not None:
+        # Global (replicated) inputs: what jit over a multi-host mesh requires.
+        place = lambda x: sharding.put(np.asarray(x), sharding.replicated(mesh))
     results = []
     for j, (name, model) in enumerate(architectures):
         arch_key = jax.random.fold_in(key, j)
         keys = jax.vmap(lambda i, k=arch_key: jax.random.fold_in(k, i))(jnp.arange(num_models))
         accs = inner.train_and_test_many(
             keys,
-            jnp.asarray(images),
-            jnp.asarray(labels),
+            place(images),
+            place(labels),
             jnp.float32(lr),
-            jnp.asarray(test_images),
-            jnp.asarray(test_labels),
+            place(test_images),
+            place(test_labels),
             model=model,
             config=train_config,
             augment=augment,
             test_batch_size=test_batch_size,
             parallel=parallel,
+            mesh=mesh,
         )
-        results.append(EvalResult(name, np.asarray(accs)))
+        results.append(EvalResult(name, sharding.to_host(accs)))
     return results
 
 
@@ -107,8 +117,10 @@ def evaluate_from_config(
     dataset: Any,
     config: Any,
     lr: float | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> list[EvalResult]:
-    """:func:`evaluate` driven by ``config.eval``/``config.model``/``config.dsa``."""
+    """:func:`evaluate` driven by ``config.eval``/``config.model``/``config.dsa``, on ``mesh``
+    (default: ``config.mesh``)."""
     ev = config.eval
     augment = dsa_augment_fn(config.dsa.strategy, dataset.name) if ev.dsa else None
     return evaluate(
@@ -131,6 +143,7 @@ def evaluate_from_config(
         augment=augment,
         test_batch_size=ev.test_batch_size,
         parallel=ev.parallel,
+        mesh=sharding.mesh_from_config(config) if mesh is None else mesh,
     )
 
 

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mim4dd_jax import sharding
 from mim4dd_jax.errors import check_choice
 
 PyTree = Any
@@ -225,7 +226,7 @@ def resolve_parallel(parallel: str) -> str:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("model", "config", "augment", "test_batch_size", "parallel")
+    jax.jit, static_argnames=("model", "config", "augment", "test_batch_size", "parallel", "mesh")
 )
 def train_and_test_many(
     keys: jax.Array,
@@ -240,9 +241,15 @@ def train_and_test_many(
     augment: AugmentFn | None = None,
     test_batch_size: int = 500,
     parallel: str = "auto",
+    mesh: jax.sharding.Mesh | None = None,
 ) -> jax.Array:
     """Trains one model per key (keys: [K] typed keys) as one jitted program; returns test
-    accuracies [K]. ``parallel``: ``vmap`` the K models, or ``map`` them one after another."""
+    accuracies [K]. ``parallel``: ``vmap`` the K models, or ``map`` them one after another.
+
+    With a ``mesh`` of d > 1 devices the keys are padded to a multiple of d (the extra models
+    are trained and dropped: each model depends on its key only) and laid out [d, K'/d], the
+    first axis split over the devices; each device then vmaps or maps its share. The
+    accuracies come back replicated."""
 
     def one(k):
         variables = train_classifier(
@@ -250,6 +257,12 @@ def train_and_test_many(
         )
         return accuracy(model, variables, test_images, test_labels, batch_size=test_batch_size)
 
-    if resolve_parallel(parallel) == "vmap":
-        return jax.vmap(one)(keys)
-    return jax.lax.map(one, keys)
+    per_device = jax.vmap(one) if resolve_parallel(parallel) == "vmap" else None
+    if per_device is None:
+        per_device = lambda ks: jax.lax.map(one, ks)
+    if mesh is None or sharding.size(mesh) == 1:
+        return per_device(keys)
+    d, k = sharding.size(mesh), keys.shape[0]
+    grid = sharding.pad_to_multiple(keys, d).reshape(d, -1)
+    accs = jax.vmap(per_device)(sharding.constrain(grid, mesh, 0))
+    return sharding.constrain(accs, mesh, None).reshape(-1)[:k]
