@@ -55,7 +55,9 @@ def check_workdir(workdir: str) -> str:
     if not os.path.isdir(existing):
         raise ConfigError(f"workdir {workdir!r} cannot be created: {existing!r} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"workdir {workdir!r} is not writable")
+        raise ConfigError(
+            f"workdir {workdir!r} is not writable; choose a --workdir in a folder you can write to"
+        )
     return workdir
 
 

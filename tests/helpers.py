@@ -7,13 +7,24 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_cli(*args: str, cwd: str = ROOT) -> subprocess.CompletedProcess:
-    """Runs ``python run.py ARGS`` on the CPU; returns the completed process (text output)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+def cli_command(*args: str) -> list[str]:
+    """``python run.py ARGS`` as an argv list (run it with :func:`cli_env`, in ROOT)."""
+    return [sys.executable, os.path.join(ROOT, "run.py"), *args]
+
+
+def cli_env() -> dict[str, str]:
+    """The environment the CLI tests run in: the CPU backend, quiet TensorFlow."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def run_cli(*args: str, cwd: str = ROOT, **kwargs) -> subprocess.CompletedProcess:
+    """Runs ``python run.py ARGS`` on the CPU; returns the completed process (text output).
+    ``kwargs`` go to ``subprocess.run`` (e.g. ``user=``)."""
     return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "run.py"), *args],
+        cli_command(*args),
         cwd=cwd,
-        env=env,
+        env=cli_env(),
+        **kwargs,
         capture_output=True,
         text=True,
         timeout=600,
@@ -63,3 +74,24 @@ def tiny_config(arg: str, **overrides):
     for dotted, value in {**TINY, **overrides}.items():
         config_lib.set_dotted(c, dotted, value)
     return c
+
+
+def write_mnist_folder(folder, train_per_class: int, test_per_class: int, num_classes: int = 10):
+    """An MNIST-format folder of random 28x28 uint8 images (``data.path`` for run.py)."""
+    import gzip
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for prefix, per_class in (("train", train_per_class), ("t10k", test_per_class)):
+        n = per_class * num_classes
+        for kind, array in (
+            ("images-idx3", rng.integers(0, 256, (n, 28, 28))),
+            ("labels-idx1", np.arange(n) % num_classes),
+        ):
+            header = bytes([0, 0, 8, array.ndim]) + b"".join(
+                int(d).to_bytes(4, "big") for d in array.shape
+            )
+            with gzip.open(os.path.join(folder, f"{prefix}-{kind}-ubyte.gz"), "wb") as f:
+                f.write(header + array.astype(np.uint8).tobytes())
+    return folder

@@ -1,0 +1,444 @@
+"""Reliability (issue 7): a run killed by SIGKILL resumes onto the same bytes, a non-finite step
+is skipped and too many in a row stop the run with the last good artifacts intact, the MTT lr
+stays positive, and every user mistake is one line, exit code 2 and an untouched workdir."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import ROOT, cli_command, cli_env, fake_dataset, tiny_config, write_mnist_folder
+from helpers import run_cli as run
+from jax.flatten_util import ravel_pytree
+
+from mim4dd_jax import checkpoint, data, distill, evaluate, inner, objectives
+from mim4dd_jax import config as config_lib
+from mim4dd_jax.errors import ConfigError
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+KEY = jax.random.key(0)
+
+
+def host(tree):
+    """A host copy (the step donates the device buffers)."""
+    return jax.tree.map(lambda a: np.array(a, copy=True), tree)
+
+
+def assert_same_bits(a, b):
+    """Every leaf equal bit for bit (NaN-safe, dtype and shape included)."""
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+
+
+def snapshot(folder):
+    """{relative path: bytes (None for a folder)} of everything under ``folder``."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Deterministic resume after SIGKILL.
+# ----------------------------------------------------------------------------------------------
+
+ITERATIONS = 8
+SHRINK = [
+    "--config=configs/fashion_mnist.py:dm,ipc1,local",
+    "--config.model.width=8",
+    "--config.model.depth=2",
+    "--config.data.train_per_class=20",
+    "--config.data.test_per_class=10",
+    "--config.distill.batch_real=8",
+    "--config.eval.epochs=2",
+    "--config.dsa.strategy=crop_flip",
+    "--config.distill.checkpoint_every=1",
+    f"--config.distill.iterations={ITERATIONS}",
+    "--config.distill.log_every=1",
+]
+
+
+def _start(workdir, log):
+    return subprocess.Popen(
+        cli_command(*SHRINK, f"--workdir={workdir}"),
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "w"),  # noqa: SIM115 - closed with the process
+    )
+
+
+def _steps_on_disk(folder):
+    """Completed checkpoints (orbax renames a finished one to its step number)."""
+    return [int(n) for n in os.listdir(folder) if n.isdigit()] if folder.is_dir() else []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.path.isdir(FMNIST) and not os.environ.get("CI"), reason="needs dataset-fashion-mnist"
+)
+def test_sigkill_mid_run_then_the_same_command_gives_identical_bytes(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    # The uninterrupted run and the one to kill share the two start-ups (imports, data, compile).
+    reference = _start(straight, tmp_path / "straight.log")
+    victim = _start(killed, tmp_path / "killed.log")
+    deadline = time.monotonic() + 300
+    while max(_steps_on_disk(killed / "checkpoints"), default=0) < 3:
+        assert victim.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint 3 within 300 s"
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL
+    assert reference.wait(timeout=300) == 0, (tmp_path / "straight.log").read_text()[-3000:]
+    # Killed mid-distillation: checkpoints, but not the last one, and no results yet.
+    assert 3 <= max(_steps_on_disk(killed / "checkpoints")) < ITERATIONS
+    assert not (killed / "distilled.npz").exists()
+
+    r = run(*SHRINK, f"--workdir={killed}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming" in r.stderr
+    assert (killed / "distilled.npz").read_bytes() == (straight / "distilled.npz").read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------
+# Numerical guard.
+# ----------------------------------------------------------------------------------------------
+
+
+def fake_experts(config, dataset, num=2, epochs=2):
+    """[num, epochs + 1, P] trajectories: random inits drifting a little per epoch."""
+    model = evaluate.build_model(config, dataset.num_classes)
+    out = []
+    for e in range(num):
+        variables = inner.init_variables(model, jax.random.key(10 + e), dataset.image_shape)
+        flat = ravel_pytree(variables["params"])[0]
+        drift = 0.01 * jax.random.normal(jax.random.key(20 + e), flat.shape)
+        out.append(jnp.stack([flat + t * drift for t in range(epochs + 1)]))
+    return jnp.stack(out)
+
+
+# How step k is poisoned: a non-finite input (an expert trajectory holding inf makes the MTT
+# loss and every gradient non-finite), or finite gradients whose update overflows (an infinite
+# image lr). Non-finite *real images* are no test: on XLA:CPU, jit(avg_pool(relu(x))) can turn
+# NaN into finite numbers for some shapes, so the DM features may come out finite.
+GUARD_CASES = {
+    "mtt: inf in an expert trajectory": (
+        "mtt,ipc2",
+        {"mtt.syn_steps": 2, "mtt.expert_epochs": 1, "mtt.max_start_epoch": 2, "distill.lr": 10.0},
+    ),
+    "dm + mi: an update that overflows": ("dm,ipc2", {"mi.weight": 0.5}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GUARD_CASES))
+def test_non_finite_step_leaves_the_state_unchanged_and_is_counted(case):
+    arg, overrides = GUARD_CASES[case]
+    dataset = fake_dataset(3, 12, 8)
+    config = tiny_config(arg, **overrides)
+    step = distill.make_step(config, dataset)
+    real = jnp.asarray(dataset.train_images)
+    index = data.class_index(dataset.train_labels, 3)
+    experts = fake_experts(config, dataset) if config.method == "mtt" else None
+    if config.method == "mtt":
+        bad_step, bad_experts = step, jnp.full_like(experts, jnp.inf)
+    else:
+        bad_step = distill.make_step(
+            tiny_config(arg, **overrides, **{"distill.lr": np.inf}), dataset
+        )
+        bad_experts = None
+    state = distill.init_state(jax.random.fold_in(KEY, 0), dataset, config)
+
+    def one(step, state, it, experts):
+        state, metrics = step(state, jax.random.fold_in(KEY, it), real, index, experts)
+        return state, jax.device_get(metrics)
+
+    for it in range(2):
+        state, metrics = one(step, state, it, experts)
+        assert metrics["skipped"] == 0
+    before = host(state)
+    state, metrics = one(bad_step, state, 2, bad_experts)  # step k = 2
+    assert metrics["skipped"] == 1
+    # Images, heads, log_lr, labels and every optimiser state: bit for bit.
+    assert_same_bits(host(state), before)
+
+    state, metrics = one(step, state, 3, experts)
+    assert metrics["skipped"] == 0 and np.isfinite(metrics["loss"])
+    assert np.max(np.abs(np.asarray(state["images"]) - before["images"])) > 0
+    assert step._cache_size() == 1
+
+
+@pytest.fixture(scope="module")
+def npz_data(tmp_path_factory):
+    """The fake dataset as an npz in [0, 255] pixels (data.source "npz")."""
+    ds = fake_dataset(3, 12, 8)
+    x = np.clip((ds.train_images + 1) * 50, 0, 255).astype(np.uint8)
+    path = tmp_path_factory.mktemp("data") / "fake.npz"
+    np.savez(path, x_train=x, y_train=ds.train_labels, x_test=x, y_test=ds.train_labels)
+    return str(path)
+
+
+def test_guard_stops_the_run_and_keeps_the_last_good_artifacts(npz_data, tmp_path, monkeypatch):
+    config = tiny_config(
+        "dm,ipc1",
+        **{
+            "data.source": "npz",
+            "data.path": npz_data,
+            "distill.iterations": 10,
+            "distill.checkpoint_every": 2,
+            "distill.eval_every": 2,
+            "distill.log_every": 1,
+            "eval.epochs": 1,
+            "eval.num_models": 1,
+            "guard.max_consecutive": 2,
+        },
+    )
+    good_calls, last_good = 3, {}
+    make_step = distill.make_step
+
+    def poisoned_after(config, dataset, *args, **kwargs):
+        # From iteration 3 on, the same step with an infinite image lr: every update overflows.
+        overflowing = config.copy_and_resolve_references()
+        overflowing.distill.lr = float("inf")
+        step, calls = make_step(config, dataset, *args, **kwargs), [0]
+        bad_step = make_step(overflowing, dataset, *args, **kwargs)
+
+        def wrapped(*step_args):
+            state, metrics = (step if calls[0] < good_calls else bad_step)(*step_args)
+            if calls[0] < good_calls:
+                last_good.update(host(state))
+            calls[0] += 1
+            return state, metrics
+
+        wrapped._cache_size = step._cache_size
+        return wrapped
+
+    monkeypatch.setattr(distill, "make_step", poisoned_after)
+    workdir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"guard\.max_consecutive=2"):
+        distill.run(config, str(workdir))
+
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows if "loss" in r] == [0, 0, 0, 1, 1]  # stopped after 2
+    # The evaluation at iteration 4 and checkpoint 4 came after a skip: both hold the last
+    # good state (the one after iteration 2), bit for bit.
+    with np.load(workdir / "distilled.npz") as f:
+        assert int(f["iteration"]) == 4
+        assert f["model_images"].tobytes() == last_good["images"].tobytes()
+    ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"))
+    dataset = data.load_from_config(config.data)
+    step, restored = ckpt.restore(distill.init_state(KEY, dataset, config))
+    ckpt.close()
+    assert step == 4
+    assert_same_bits(host(restored), last_good)
+
+
+def test_mtt_lr_is_positive_by_parametrisation():
+    dataset = fake_dataset(3, 12, 8)
+    config = tiny_config("mtt,ipc1")
+    state = distill.init_state(KEY, dataset, config)
+    assert "log_lr" in distill.learned_parts(config)  # the optimiser only ever sees log(lr)
+    np.testing.assert_allclose(np.exp(state["log_lr"]), config.mtt.lr_teacher, rtol=1e-6)
+    assert float(objectives.lr_from_log(jnp.float32(-80.0))) > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad inputs (the rows tests/test_cli.py does not have): one line, exit code 2, workdir untouched.
+# ----------------------------------------------------------------------------------------------
+
+# case: (config argument, extra flags, expected text in the error line)
+BAD_INPUTS = {
+    "unknown optimizer": (
+        "dm,ipc1",
+        ["--config.distill.optimizer=sgdd"],
+        "unknown distill.optimizer 'sgdd'; valid choices: 'sgd', 'adam'",
+    ),
+    "unknown MI estimator": (
+        "dm,ipc1",
+        ["--config.mi.estimator=bogus"],
+        "unknown MI estimator 'bogus'; valid choices: 'infonce', 'nce', 'nwj', 'js'",
+    ),
+    "init_from with the wrong image shape": (
+        "dm,ipc1",
+        ["--config.distill.init_from={shape_npz}"],
+        "holds images of shape (32, 32, 3); fashion_mnist needs (28, 28, 1)",
+    ),
+    "init_from with the wrong classes": (
+        "dm,ipc1",
+        ["--config.distill.init_from={classes_npz}"],
+        "has labels outside 0..9 or not one per image; fashion_mnist has 10 classes",
+    ),
+    "MTT without experts_dir": ("mtt,ipc1", [], "set --config.mtt.experts_dir"),
+    "MTT experts folder missing": (
+        "mtt,ipc1",
+        ["--config.mtt.experts_dir=/nonexistent/experts"],
+        "expert folder '/nonexistent/experts' does not exist; train them first: python run.py",
+    ),
+    "MTT experts folder empty": (
+        "mtt,ipc1",
+        ["--config.mtt.experts_dir={empty}"],
+        "has no meta.json, so no experts; train them first: python run.py",
+    ),
+    "non-positive image lr": ("dm,ipc1", ["--config.distill.lr=0"], "distill.lr must be > 0"),
+    "negative MTT lr": (
+        "mtt,ipc1",
+        ["--config.mtt.lr_teacher=-0.01"],
+        "mtt.lr_teacher must be > 0, got -0.01",
+    ),
+    "non-positive temperature": (
+        "dm,ipc1",
+        ["--config.mi.temperature=0"],
+        "mi.temperature must be > 0",
+    ),
+    "guard disabled": (
+        "dm,ipc1",
+        ["--config.guard.max_consecutive=0"],
+        "guard.max_consecutive must be an integer >= 1, got 0",
+    ),
+}
+# Checked only after the data is loaded (inside the mode's run): also run with a workdir that
+# holds earlier results, which must survive byte for byte.
+AFTER_DATA = [case for case in BAD_INPUTS if "init_from" in case or "experts" in case]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A tiny MNIST-format folder (3 train, 2 test images per class), bad init files and an
+    empty experts folder."""
+    root = tmp_path_factory.mktemp("inputs")
+    (root / "tiny").mkdir()
+    tiny = write_mnist_folder(root / "tiny", 3, 2)
+    np.savez(root / "shape.npz", images=np.zeros((10, 32, 32, 3)), labels=np.arange(10))
+    np.savez(root / "classes.npz", images=np.zeros((12, 28, 28, 1)), labels=np.arange(12))
+    (root / "empty").mkdir()
+    return dict(
+        tiny=tiny,
+        shape_npz=root / "shape.npz",
+        classes_npz=root / "classes.npz",
+        empty=root / "empty",
+    )
+
+
+def check_one_line(r, expected):
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
+    assert expected in lines[0], lines[0]
+
+
+def previous_results(workdir):
+    workdir.mkdir()
+    (workdir / "distilled.npz").write_bytes(b"earlier results")
+    (workdir / "notes.txt").write_text("keep me")
+    return snapshot(workdir)
+
+
+@pytest.mark.parametrize(
+    "case, existing",
+    [(case, False) for case in sorted(BAD_INPUTS)] + [(case, True) for case in AFTER_DATA],
+)
+def test_bad_input_gives_one_line_and_leaves_the_workdir_alone(tmp_path, inputs, case, existing):
+    arg, flags, expected = BAD_INPUTS[case]
+    workdir = tmp_path / "wd"
+    before = previous_results(workdir) if existing else None
+    r = run(
+        f"--config=configs/fashion_mnist.py:{arg}",
+        f"--config.data.path={inputs['tiny']}",
+        *(f.format(**inputs) for f in flags),
+        f"--workdir={workdir}",
+    )
+    check_one_line(r, expected)
+    assert snapshot(workdir) == before if existing else not workdir.exists()
+
+
+def _without_root():
+    """``subprocess.run`` arguments that drop root, which ignores permissions: run as "nobody"
+    (skips where "nobody" cannot start this interpreter, e.g. one installed under /root)."""
+    if os.geteuid() != 0:
+        return {}
+    user = dict(user=65534, group=65534, extra_groups=[])
+    try:
+        probe = subprocess.run([sys.executable, "-c", ""], capture_output=True, **user)
+    except OSError as e:
+        pytest.skip(f"running as root, and 'nobody' cannot run {sys.executable} ({e.strerror})")
+    if probe.returncode:
+        pytest.skip(f"running as root, and 'nobody' cannot run {sys.executable}")
+    return user
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_workdir_that_is_not_writable(inputs, existing):
+    user = _without_root()
+    parent = pathlib.Path(tempfile.mkdtemp(prefix="readonly_"))  # "nobody" can reach /tmp
+    workdir = parent / "wd"
+    try:
+        before = previous_results(workdir) if existing else None
+        for folder in (workdir, parent) if existing else (parent,):
+            folder.chmod(0o555)
+        r = run(
+            "--config=configs/fashion_mnist.py:dm,ipc1",
+            f"--config.data.path={inputs['tiny']}",
+            f"--workdir={workdir}",
+            **user,
+        )
+        check_one_line(r, f"workdir {str(workdir)!r} is not writable")
+        assert snapshot(workdir) == before if existing else not workdir.exists()
+    finally:
+        for folder in (parent, workdir):
+            if folder.is_dir():
+                folder.chmod(0o755)
+        shutil.rmtree(parent)
+
+
+def _file_config(arg, overrides):
+    """``configs/fashion_mnist.py:get_config(arg)`` with dotted overrides, as run.py builds it."""
+    spec = importlib.util.spec_from_file_location(
+        "fashion_mnist_config", os.path.join(ROOT, "configs", "fashion_mnist.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg)
+    for dotted, value in overrides.items():
+        config_lib.set_dotted(config, dotted, value)
+    return config
+
+
+def test_finished_workdir_refuses_a_different_config(tmp_path, inputs):
+    overrides = {
+        "data.path": str(inputs["tiny"]),
+        "model.width": 8,
+        "model.depth": 2,
+        "distill.iterations": 2,
+        "distill.batch_real": 2,
+        "distill.eval_every": 0,
+        "dsa.strategy": "crop_flip",
+        "eval.epochs": 1,
+        "eval.num_models": 1,
+    }
+    workdir = tmp_path / "finished"
+    distill.run(_file_config("dm,ipc1", overrides), str(workdir))
+    assert (workdir / "distilled.npz").is_file() and (workdir / "results.json").is_file()
+    before = snapshot(workdir)
+
+    flags = [f"--config.{k}={v}" for k, v in overrides.items()]
+    r = run(
+        "--config=configs/fashion_mnist.py:dm,ipc1",
+        *flags,
+        "--config.distill.lr=0.5",
+        f"--workdir={workdir}",
+    )
+    check_one_line(r, "holds a run with distill.lr=1.0, not 0.5; it has finished")
+    assert snapshot(workdir) == before
