@@ -7,6 +7,8 @@ import os
 import platform
 import sys
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS_MD = os.path.join(ROOT, "BENCHMARKS.md")
 
@@ -48,3 +50,40 @@ def append_lines(text: str) -> None:
     with open(BENCHMARKS_MD, "a") as f:
         f.write(text + "\n")
     print(text, flush=True)
+
+
+def fake_trajectories(config, num_classes: int, shape: tuple[int, ...]) -> np.ndarray:
+    """[2, T+1, P] float32 random-walk "expert trajectories" long enough for ``config.mtt``, for
+    timing MTT steps without training experts (the step's cost does not depend on the values)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    from mim4dd_jax import distill, evaluate, inner
+
+    model = evaluate.build_model(config, num_classes)
+    p0, _ = ravel_pytree(inner.init_variables(model, jax.random.key(1), shape)["params"])
+    epochs = distill.min_expert_epochs(config) + 1
+    walk = 0.01 * jax.random.normal(jax.random.key(2), (2, epochs, p0.size)) / np.sqrt(p0.size)
+    return np.asarray(p0[None, None] + jnp.cumsum(walk, axis=1))
+
+
+def random_dataset(name: str, num_classes: int, per_class: int, shape: tuple[int, ...]):
+    """A ``data.Dataset`` of standard-normal images (for timing: costs do not depend on values)."""
+    import jax
+
+    from mim4dd_jax import data
+
+    labels = np.repeat(np.arange(num_classes), per_class).astype(np.int32)
+    images = np.asarray(jax.random.normal(jax.random.key(42), (len(labels), *shape)), np.float32)
+    return data.Dataset(
+        name=name,
+        train_images=images,
+        train_labels=labels,
+        test_images=images[:num_classes],
+        test_labels=labels[:num_classes],
+        num_classes=num_classes,
+        mean=np.zeros(shape[-1], np.float32),
+        std=np.ones(shape[-1], np.float32),
+        zca=None,
+    )

@@ -7,9 +7,17 @@ the kh*kw shifted (strided) slices, concatenate them on the channel axis and do 
 the kernel reshaped to [kh*kw*Cin, Cout]. It is built from pad/slice/concat/dot only, so it is
 differentiable to any order and has no in-loop cliff. On accelerators XLA's native convolution is
 the fast path, so ``impl="auto"`` picks it there.
+
+``impl="hybrid"`` (stride 1) keeps XLA's convolution for the forward pass and the input gradient
+and computes the weight gradient with GEMMs, because XLA:CPU's weight-gradient convolution is the
+slow op (benchmarks/bench_conv.py). On CPU it made the DM step (no loops) 2.3x faster with half
+the memory of im2col (BENCHMARKS.md); it is not the "auto" choice because it has not yet been
+measured in the loop-heavy steps (MTT student, DC, evaluation).
 """
 
 from __future__ import annotations
+
+import functools
 
 import chex
 import jax
@@ -18,11 +26,12 @@ from jax import lax
 
 from mim4dd_jax.errors import ConfigError, check_choice
 
-IMPLS = ("auto", "im2col", "xla")
+IMPLS = ("auto", "im2col", "xla", "hybrid")
 
 
 def resolve_impl(impl: str) -> str:
-    """Returns "im2col" or "xla" for ``impl`` in IMPLS; "auto" depends on the default backend."""
+    """Returns "im2col", "xla" or "hybrid" for ``impl`` in IMPLS; "auto" depends on the default
+    backend (im2col on CPU, xla elsewhere)."""
     check_choice("conv impl", impl, IMPLS)
     if impl == "auto":
         return "im2col" if jax.default_backend() == "cpu" else "xla"
@@ -79,6 +88,57 @@ def _xla(
     )
 
 
+def _weight_grad(
+    x: jax.Array, g: jax.Array, kshape: tuple[int, ...], pad: tuple[int, int], precision
+) -> jax.Array:
+    """d kernel [kh, kw, Cin, Cout] of a stride-1 conv of x [N, H, W, Cin] with cotangent g.
+
+    kernel[i, j] gets sum_{n,h,w} x_pad[n, h + i, w + j, :]^T g[n, h, w, :]: one GEMM per kernel
+    offset with M = N*Ho*Wo (no 9x patch matrix in memory) unless Cin is tiny, where one GEMM on
+    the concatenated slices [M, kh*kw*Cin] is better shaped. lax.pad allows negative padding.
+    """
+    kh, kw, cin, cout = kshape
+    n, ho, wo, _ = g.shape
+    x = lax.pad(
+        x, jnp.zeros((), x.dtype), ((0, 0, 0), (pad[0], pad[0], 0), (pad[1], pad[1], 0), (0, 0, 0))
+    )
+    g2 = g.reshape(n * ho * wo, cout)
+    cols = [
+        lax.slice(x, (0, i, j, 0), (n, i + ho, j + wo, cin)).reshape(n * ho * wo, cin)
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    if cin * kh * kw <= 64:
+        patches = jnp.concatenate(cols, axis=-1)
+        return jnp.dot(patches.T, g2, precision=precision).reshape(kh, kw, cin, cout)
+    dk = [jnp.dot(c.T, g2, precision=precision) for c in cols]
+    return jnp.stack(dk).reshape(kh, kw, cin, cout)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _hybrid(x: jax.Array, kernel: jax.Array, pad: tuple[int, int], precision) -> jax.Array:
+    """Stride-1 conv: XLA's convolution forward; a custom VJP whose input gradient is again a
+    :func:`_hybrid` conv (of g with the flipped, in/out-swapped kernel, padding k - 1 - pad) and
+    whose weight gradient is GEMMs (:func:`_weight_grad`), not XLA's slow weight-gradient conv.
+    Both are built from differentiable ops, so it is differentiable to any order."""
+    return _xla(x, kernel, 1, pad, precision)
+
+
+def _hybrid_fwd(x, kernel, pad, precision):
+    return _hybrid(x, kernel, pad, precision), (x, kernel)
+
+
+def _hybrid_bwd(pad, precision, res, g):
+    x, kernel = res
+    kh, kw = kernel.shape[:2]
+    flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
+    dx = _hybrid(g, flipped, (kh - 1 - pad[0], kw - 1 - pad[1]), precision)
+    return dx, _weight_grad(x, g, kernel.shape, pad, precision)
+
+
+_hybrid.defvjp(_hybrid_fwd, _hybrid_bwd)
+
+
 def conv2d(
     x: jax.Array,
     kernel: jax.Array,
@@ -92,7 +152,9 @@ def conv2d(
 
     x: [N, H, W, Cin] float; kernel: [kh, kw, Cin, Cout] (HWIO).
     Returns [N, H', W', Cout] with H' = (H + 2*pad_h - kh) // stride + 1 (likewise W').
-    impl: "auto" (im2col on CPU, XLA's convolution elsewhere), "im2col" or "xla".
+    impl: "auto" (im2col on CPU, XLA's convolution elsewhere), "im2col", "xla" or "hybrid" (XLA's
+    convolution forward with a GEMM weight gradient, see :func:`_hybrid`; for code outside
+    loop bodies on CPU, where it is the fastest; stride > 1 falls back to im2col).
     precision: passed to whichever path runs, so both agree; None is JAX's default (TF32 may be
     used on GPU, as PyTorch's cuDNN convolutions do by default).
     """
@@ -105,5 +167,7 @@ def conv2d(
     if int(stride) != stride or stride < 1:
         raise ConfigError(f"bad conv stride {stride!r}; valid: an int >= 1")
     pad = _pair(padding)
-    fn = _im2col if impl == "im2col" else _xla
+    if impl == "hybrid" and int(stride) == 1:
+        return _hybrid(x, kernel, pad, precision)
+    fn = _xla if impl == "xla" else _im2col
     return fn(x, kernel, int(stride), pad, precision)

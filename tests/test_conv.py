@@ -1,4 +1,5 @@
-"""conv2d: the im2col path must match XLA's convolution in values and in 1st/2nd derivatives."""
+"""conv2d: the im2col and hybrid paths must match XLA's convolution in values and in 1st/2nd
+derivatives."""
 
 import functools
 
@@ -48,8 +49,9 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("impl", ["im2col", "hybrid"])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_im2col_matches_xla_values_and_derivatives(case):
+def test_impl_matches_xla_values_and_derivatives(case, impl):
     n, h, w, cin, kh, kw, cout, stride, padding = case
     kx, kk, kc = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (n, h, w, cin))
@@ -59,7 +61,7 @@ def test_im2col_matches_xla_values_and_derivatives(case):
     cot = jax.random.normal(kc, (n, ho, wo, cout))
 
     run = jax.jit(_derivatives, static_argnums=(0, 4, 5))
-    y_i, g_i, h_i = run("im2col", x, kernel, cot, stride, padding)
+    y_i, g_i, h_i = run(impl, x, kernel, cot, stride, padding)
     y_x, g_x, h_x = run("xla", x, kernel, cot, stride, padding)
 
     assert y_i.shape == (n, ho, wo, cout)
@@ -75,7 +77,7 @@ def test_matches_hand_computed_cross_correlation():
     # Guards against both paths sharing a convention error (e.g. a flipped kernel).
     x = jnp.arange(16.0).reshape(1, 4, 4, 1)
     kernel = jnp.zeros((3, 3, 1, 1)).at[0, 2, 0, 0].set(1.0)  # picks the top-right neighbour
-    for impl in ("im2col", "xla"):
+    for impl in ("im2col", "xla", "hybrid"):
         y = conv.conv2d(x, kernel, padding=1, impl=impl)[0, :, :, 0]
         # Output (r, c) reads input (r - 1, c + 1), zero outside the image.
         expected = np.zeros((4, 4))
@@ -83,7 +85,8 @@ def test_matches_hand_computed_cross_correlation():
         np.testing.assert_array_equal(np.asarray(y), expected)
 
 
-def test_works_inside_scan_and_jit():
+@pytest.mark.parametrize("impl", ["im2col", "hybrid"])
+def test_works_inside_scan_and_jit(impl):
     kx, kk = jax.random.split(jax.random.key(1))
     x = jax.random.normal(kx, (2, 6, 6, 4))
     kernel = jax.random.normal(kk, (3, 3, 4, 4)) * 0.2
@@ -93,7 +96,7 @@ def test_works_inside_scan_and_jit():
         h, _ = lax.scan(step, x, None, length=3)
         return jnp.sum(h**2)
 
-    val_scan, grad_scan = jax.jit(jax.value_and_grad(functools.partial(unroll, "im2col")))(kernel)
+    val_scan, grad_scan = jax.jit(jax.value_and_grad(functools.partial(unroll, impl)))(kernel)
 
     def loop(kernel):
         h = x
@@ -114,7 +117,7 @@ def test_auto_resolves_to_im2col_on_cpu():
 
 def test_unknown_impl_raises_config_error():
     x, kernel = jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 2))
-    with pytest.raises(ConfigError, match=r"'cudnn'.*'auto', 'im2col', 'xla'"):
+    with pytest.raises(ConfigError, match=r"'cudnn'.*'auto', 'im2col', 'xla', 'hybrid'"):
         conv.conv2d(x, kernel, impl="cudnn")
 
 
