@@ -32,7 +32,7 @@ data:
 
 distill: setup data
 	$(PY) run.py --config=$(CONFIG) --workdir=$(WORKDIR)
-	@echo "results: $(WORKDIR)/ (distilled.npz, grid.png, results.json, metrics.jsonl)"
+	@echo "results: $(WORKDIR)/ (distilled.npz, grid.png, accuracy.png, results.json, metrics.jsonl, tensorboard/)"
 
 lint: setup
 	$(VENV)/bin/ruff check .

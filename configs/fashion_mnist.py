@@ -31,13 +31,9 @@ DATASET = {"name": "fashion_mnist"}
 
 # Per-(method, ipc) hyperparameters, as data, over config.METHOD_DEFAULTS (which hold the
 # published DM/DC/DSA choices; DC/DSA outer/inner loops come from objectives.dc_loops). MTT has no
-# published Fashion-MNIST setting: these are its CIFAR-10 rows without ZCA and with the pixel lr
-# scaled to unwhitened pixels (lr_img 100), not tuned here.
-HPARAMS: dict = {
-    ("mtt", 1): cfg.mtt_hparams(50, 2, 2, 100.0, 1e-7),
-    ("mtt", 10): cfg.mtt_hparams(30, 2, 20, 100.0, 1e-5),
-    ("mtt", 50): cfg.mtt_hparams(30, 2, 40, 100.0, 1e-5),
-}
+# published Fashion-MNIST setting: config.mtt_fallback_hparams (CIFAR-10 rows, unwhitened),
+# not tuned here.
+HPARAMS: dict = cfg.mtt_fallback_hparams()
 
 # ",local" for the coreset baselines (the other modes add config.LOCAL_BY_MODE).
 LOCAL = {"eval.epochs": 100, "eval.num_models": 2, "data.test_per_class": 1000}

@@ -13,11 +13,7 @@ from mim4dd_jax import config as cfg
 DATASET = {"name": "mnist"}
 
 # No published MTT setting for MNIST: the Fashion-MNIST rows (CIFAR-10's, unwhitened).
-HPARAMS: dict = {
-    ("mtt", 1): cfg.mtt_hparams(50, 2, 2, 100.0, 1e-7),
-    ("mtt", 10): cfg.mtt_hparams(30, 2, 20, 100.0, 1e-5),
-    ("mtt", 50): cfg.mtt_hparams(30, 2, 40, 100.0, 1e-5),
-}
+HPARAMS: dict = cfg.mtt_fallback_hparams()
 
 LOCAL = {"eval.epochs": 100, "eval.num_models": 2, "data.test_per_class": 1000}
 

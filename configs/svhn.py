@@ -14,11 +14,7 @@ from mim4dd_jax import config as cfg
 DATASET = {"name": "svhn_cropped", "source": "tfds"}
 
 # No published MTT setting for SVHN: CIFAR-10's rows without ZCA.
-HPARAMS: dict = {
-    ("mtt", 1): cfg.mtt_hparams(50, 2, 2, 100.0, 1e-7),
-    ("mtt", 10): cfg.mtt_hparams(30, 2, 20, 100.0, 1e-5),
-    ("mtt", 50): cfg.mtt_hparams(30, 2, 40, 100.0, 1e-5),
-}
+HPARAMS: dict = cfg.mtt_fallback_hparams()
 
 LOCAL = {"eval.epochs": 100, "eval.num_models": 2, "data.test_per_class": 200}
 

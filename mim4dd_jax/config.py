@@ -121,6 +121,17 @@ def mtt_hparams(
     }
 
 
+def mtt_fallback_hparams() -> dict[tuple[str, int], dict[str, Any]]:
+    """MTT rows for datasets without a published setting (Fashion-MNIST, MNIST, SVHN): CIFAR-10's
+    syn_steps / expert_epochs / max_start_epoch / lr_lr without ZCA, with the pixel lr scaled to
+    unwhitened pixels (lr_img 100). Not tuned per dataset."""
+    return {
+        ("mtt", 1): mtt_hparams(50, 2, 2, 100.0, 1e-7),
+        ("mtt", 10): mtt_hparams(30, 2, 20, 100.0, 1e-5),
+        ("mtt", 50): mtt_hparams(30, 2, 40, 100.0, 1e-5),
+    }
+
+
 def parse_arg(arg: str) -> tuple[str, int, set[str]]:
     """Parses ``"method,ipc<k>[,flag...]"`` into (method, ipc, flags)."""
     method, ipc, flags = None, None, set()
@@ -267,6 +278,13 @@ def build(
     # A step with a non-finite loss or gradient is skipped (the state is kept); after
     # max_consecutive such steps in a row the run stops.
     c.guard = ml_collections.ConfigDict(dict(max_consecutive=10))
+    # The device mesh (mim4dd_jax.sharding): shape () = all devices on one "data" axis; real
+    # batches, MTT trajectories and evaluation models are split over it. distributed: "auto"
+    # calls jax.distributed.initialize() when the environment is a multi-process launch, or
+    # "on" / "off". shard_synthetic: shard the synthetic set by class instead of replicating it.
+    c.mesh = ml_collections.ConfigDict(
+        dict(shape=(), axes=("data",), distributed="auto", shard_synthetic=False)
+    )
     # The MIM4DD term: total = base + weight * mi_loss. 0 (the default) is the pure base method.
     # layers=() uses every block; layer_weights=() weighs them all 1; chunk_size, k_pos, k_neg,
     # n_data = 0 mean "off" (None in mi.MIConfig). optimizer/lr train the projection heads.
@@ -353,6 +371,20 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"eval.epochs must be >= 0, got {c.eval.epochs}")
     if "distill" in c:
         _validate_distill(c, distill)
+    if "mesh" in c:
+        _validate_mesh(c.mesh)
+
+
+def _validate_mesh(m: ml_collections.ConfigDict) -> None:
+    """Checks ``config.mesh`` against this run's devices (call after any distributed init)."""
+    import jax
+
+    from mim4dd_jax import sharding
+
+    check_choice("mesh.distributed", m.distributed, sharding.DISTRIBUTED)
+    if not isinstance(m.shard_synthetic, bool):
+        raise ConfigError(f"mesh.shard_synthetic must be True or False, got {m.shard_synthetic!r}")
+    sharding.check_mesh(m.shape, m.axes, jax.device_count())
 
 
 def _validate_distill(c: ml_collections.ConfigDict, distill: Any) -> None:

@@ -38,8 +38,9 @@ epoch) pairs are drawn inside the step.
   have their own optax optimiser and descend the same total, i.e. they maximise the MI bound.
   ``mi.weight == 0`` skips the MI code at trace time and the MI term consumes no random
   numbers, so the base method is reproduced exactly.
-- **Numerical guard**: a step whose loss or any gradient is not finite leaves the state
-  unchanged (metric "skipped" = 1); ``run`` stops after ``guard.max_consecutive`` in a row.
+- **Numerical guard**: a step whose loss, any gradient or any updated value is not finite
+  leaves the state unchanged (metric "skipped" = 1); ``run`` stops after
+  ``guard.max_consecutive`` in a row.
 
 Randomness (part of the contract, tests rely on it): ``init_state`` uses ``fold_in(key, 0)`` for
 the images and ``fold_in(key, 1)`` for the heads. In a DM step, ``fold_in(key, 0|1|2)`` draw the
@@ -75,13 +76,14 @@ import numpy as np
 import optax
 from jax import lax
 from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh
 
 from mim4dd_jax import augment as augment_lib
 from mim4dd_jax import checkpoint as checkpoint_lib
 from mim4dd_jax import config as config_lib
 from mim4dd_jax import data as data_lib
 from mim4dd_jax import evaluate as evaluate_lib
-from mim4dd_jax import inner, io, mi, models, objectives
+from mim4dd_jax import inner, io, mi, models, objectives, sharding
 from mim4dd_jax.errors import ConfigError, check_choice
 
 State = dict[str, Any]
@@ -362,8 +364,65 @@ def student_lr(state: State, config: Any) -> float:
 
 def eval_labels(state: State) -> np.ndarray:
     """Labels to train evaluation models on: ints, or softmax of learned logits [N, C]."""
-    labels = np.asarray(state["labels"])
+    labels = sharding.to_host(state["labels"])
     return np.asarray(jax.nn.softmax(labels, axis=-1)) if labels.ndim == 2 else labels
+
+
+# ----------------------------------------------------------------------------------------------
+# Placement on the device mesh.
+# ----------------------------------------------------------------------------------------------
+
+# State entries with one row per synthetic image; mesh.shard_synthetic splits them by class.
+_PER_IMAGE = ("images", "labels", "trainable")
+
+
+def state_shardings(state: State, mesh: Mesh, config: Any) -> Any:
+    """A NamedSharding per state leaf: all replicated, or with ``mesh.shard_synthetic`` the
+    per-image entries (images, labels, trainable mask and their optimiser state, leading axis
+    [C * ipc]) split along that axis. The axis is class-major, so each device holds whole
+    classes when the device count divides C."""
+    n = state["images"].shape[0]
+    split = sharding.options(config)["shard_synthetic"] and sharding.size(mesh) > 1
+
+    def one(path: Any, leaf: Any) -> Any:
+        names = [getattr(p, "key", None) for p in path]
+        owner = names[1] if names[0] == "opt_state" and len(names) > 1 else names[0]
+        if split and owner in _PER_IMAGE and jnp.ndim(leaf) and jnp.shape(leaf)[0] == n:
+            return sharding.split_along(mesh, jnp.ndim(leaf), 0)
+        return sharding.replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def place_state(state: State, mesh: Mesh, config: Any) -> State:
+    """The state on the mesh as :func:`state_shardings` says (unchanged on one device)."""
+    return sharding.put(state, state_shardings(state, mesh, config))
+
+
+def check_plan(config: Any, num_classes: int, mesh: Mesh) -> None:
+    """ConfigError when ``mesh.shard_synthetic`` cannot split the C * ipc images evenly (stored
+    arrays need equal shards; work inside the step may be uneven, XLA pads it)."""
+    d, n = sharding.size(mesh), num_classes * config.ipc
+    if sharding.options(config)["shard_synthetic"] and d > 1 and n % d:
+        raise ConfigError(
+            f"mesh.shard_synthetic=True splits the {n} synthetic images ({num_classes} classes x "
+            f"ipc {config.ipc}) over {d} devices, which does not divide them; valid: a C * ipc "
+            f"that is a multiple of {d}, or mesh.shard_synthetic=False"
+        )
+
+
+def _warn_uneven(what: str, count: int, mesh: Mesh, consequence: str) -> None:
+    d = sharding.size(mesh)
+    if d > 1 and count % d:
+        logging.warning(
+            "%s=%d does not divide over the %d devices: %s (same results); a multiple of %d "
+            "splits evenly",
+            what,
+            count,
+            d,
+            consequence,
+            d,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,7 +481,18 @@ def train_on_synthetic(
     )
 
 
-def make_step(config: Any, dataset: data_lib.Dataset) -> StepFn:
+def step_model(config: Any, num_classes: int) -> nn.Module:
+    """The network the step differentiates through: ``config.model``, except that DM on CPU with
+    ``conv_impl="auto"`` uses the "hybrid" conv (XLA's forward, GEMM weight gradient). DM's step
+    has no loop, where XLA:CPU's conv is fast, and it measured 2.3x faster than im2col with half
+    the memory (BENCHMARKS.md); loops (DC's inner training, the MTT student) keep im2col."""
+    model = evaluate_lib.build_model(config, num_classes)
+    if config.method == "dm" and config.conv_impl == "auto" and jax.default_backend() == "cpu":
+        model = model.clone(conv_impl="hybrid")
+    return model
+
+
+def make_step(config: Any, dataset: data_lib.Dataset, mesh: Mesh | None = None) -> StepFn:
     """The jitted ``step(state, key, real_images, class_index, experts=None) -> (state, metrics)``.
 
     real_images: [N, H, W, Ch] float32, the train split in model space (on device);
@@ -432,11 +502,21 @@ def make_step(config: Any, dataset: data_lib.Dataset) -> StepFn:
     guard rejected the update), plus "mi" [L] (nats per MI layer) when ``mi.weight > 0``;
     DC/DSA add "base_loss_outer" [outer_loop]; MTT adds "syn_lr". Only ``dataset``'s metadata
     and label counts are read here.
+
+    Sharding (``mesh``, default ``sharding.mesh_from_config(config)``): DM and DC split their
+    real [C, n, ...] and synthetic [C, ipc, ...] batches by class, MTT its (expert, start)
+    pairs, over all mesh devices. A count the devices do not divide gives the same results
+    without the split's benefit: XLA pads MTT's pairs (devices idle) and, for C, gathers the
+    real batch and runs DM/DC replicated (BENCHMARKS.md). The state leaves the step
+    with :func:`state_shardings` (replicated by default), the metrics replicated; XLA inserts
+    the collectives (the image gradient gathered from the class shards, the gradient summed
+    over pairs). Place the inputs with :func:`place_state` (and the real images / trajectories
+    replicated) as :func:`run` does. One device: no constraint at all.
     """
     method = config.method
     check_choice("distillation method", method, BASES)
     num_classes, ipc, shape = dataset.num_classes, config.ipc, dataset.image_shape
-    model = evaluate_lib.build_model(config, num_classes)
+    model = step_model(config, num_classes)
     strategy = matching_strategy(config, dataset.name)
     n_real = _real_batch(config, np.bincount(dataset.train_labels, minlength=num_classes))
     weight = float(config.mi.weight)
@@ -446,6 +526,16 @@ def make_step(config: Any, dataset: data_lib.Dataset) -> StepFn:
     parts = learned_parts(config)
     real_labels = objectives.class_labels(num_classes, n_real)
     syn_classes = objectives.class_labels(num_classes, ipc)
+    mesh = sharding.mesh_from_config(config) if mesh is None else mesh
+    check_plan(config, num_classes, mesh)
+    if method != "mtt":
+        # Measured (BENCHMARKS.md): XLA then gathers the real batch and runs DM/DC replicated.
+        _warn_uneven("classes", num_classes, mesh, "the step runs replicated, no speed-up")
+    # DM and DC work class by class, so the class axis is the one to split: real [C, n, ...]
+    # and synthetic [C, ipc, ...] batches alike, each device whole classes. (Splitting n
+    # instead would leave the synthetic side replicated, and the networks see the batches
+    # flattened class-major, so XLA would first gather the real batch to every device.)
+    by_class = functools.partial(sharding.constrain, mesh=mesh, axis=0)
 
     def with_mi(
         base: jax.Array,
@@ -477,7 +567,8 @@ def make_step(config: Any, dataset: data_lib.Dataset) -> StepFn:
         keep = st["trainable"].reshape(-1, *([1] * len(shape)))
         new["images"] = jnp.where(keep, new["images"], st["images"])
         new["opt_state"] = opt
-        ok = jnp.isfinite(total) & _all_finite(grads)
+        # A finite gradient can still overflow into a non-finite update (a huge lr): reject it too.
+        ok = jnp.isfinite(total) & _all_finite(grads) & _all_finite([new[n] for n in parts])
         new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, st)
         return new, {"loss": total, **aux, "skipped": (~ok).astype(jnp.int32)}
 
@@ -485,7 +576,7 @@ def make_step(config: Any, dataset: data_lib.Dataset) -> StepFn:
         return learned.get("heads", st["heads"])
 
     def dm_loss(learned, st, variables, real_x, aug_key):
-        syn_x = learned["images"].reshape(num_classes, ipc, *shape)
+        syn_x = by_class(learned["images"].reshape(num_classes, ipc, *shape))
         base, feats = objectives.dm_loss_and_features(
             variables, real_x, syn_x, aug_key, model=model, dsa_strategy=strategy
         )
@@ -493,12 +584,12 @@ def make_step(config: Any, dataset: data_lib.Dataset) -> StepFn:
 
     def dm_step(state: State, key: jax.Array, real_images: jax.Array, index: Any, _experts):
         real_key, net_key, aug_key = (jax.random.fold_in(key, i) for i in range(3))
-        real_x = real_images[data_lib.sample_per_class(real_key, index, n_real)]
+        real_x = by_class(real_images[data_lib.sample_per_class(real_key, index, n_real)])
         variables = inner.init_variables(model, net_key, shape)
         return grad_and_update(dm_loss, state, variables, real_x, aug_key)
 
     def dc_loss(learned, st, variables, real_x, aug_key):
-        syn_x = learned["images"].reshape(num_classes, ipc, *shape)
+        syn_x = by_class(learned["images"].reshape(num_classes, ipc, *shape))
         state = {k: v for k, v in variables.items() if k != "params"}
         base = objectives.dc_loss(
             variables["params"],
@@ -528,6 +619,7 @@ def make_step(config: Any, dataset: data_lib.Dataset) -> StepFn:
             st, variables = carry
             k = jax.random.fold_in(outer_key, o)
             real_x = real_images[data_lib.sample_per_class(jax.random.fold_in(k, 0), index, n_real)]
+            real_x = by_class(real_x)
             variables = objectives.refresh_batch_stats(
                 variables, _flat(real_x[:, :_BN_REAL_PER_CLASS]), model=model
             )
@@ -555,7 +647,9 @@ def make_step(config: Any, dataset: data_lib.Dataset) -> StepFn:
 
     base_step = {"dm": dm_step, "dc": dc_step, "dsa": dc_step}.get(method)
     if method == "mtt":
-        base_step = _mtt_step(config, dataset, model, strategy, n_real, with_mi, grad_and_update)
+        base_step = _mtt_step(
+            config, dataset, model, strategy, n_real, with_mi, grad_and_update, mesh
+        )
 
     def step(
         state: State,
@@ -567,7 +661,11 @@ def make_step(config: Any, dataset: data_lib.Dataset) -> StepFn:
         chex.assert_shape(state["images"], (num_classes * ipc, *shape))
         chex.assert_shape(real_images, (None, *shape))
         chex.assert_type(real_images, jnp.float32)
-        return base_step(state, key, real_images, index, experts)
+        new, metrics = base_step(state, key, real_images, index, experts)
+        # Fixed output layouts: the next call sees the input shardings it was compiled for, and
+        # every process can read the metrics.
+        new = sharding.constrain_like(new, state_shardings(new, mesh, config))
+        return new, sharding.constrain(metrics, mesh, None)
 
     return jax.jit(step, donate_argnums=(0,))
 
@@ -580,8 +678,12 @@ def _mtt_step(
     n_real: int,
     with_mi: Callable[..., Any],
     grad_and_update: Callable[..., Any],
+    mesh: Mesh,
 ) -> Callable[..., Any]:
-    """The MTT step body (see the module docstring); shares make_step's MI and update code."""
+    """The MTT step body (see the module docstring); shares make_step's MI and update code.
+
+    The k (expert, start) pairs are vmapped; on a mesh that vmapped axis is split over the
+    devices, so k = device count runs k unrolls in the wall time of one."""
     num_classes, ipc, shape = dataset.num_classes, config.ipc, dataset.image_shape
     m = config.mtt
     variables = inner.init_variables(model, jax.random.key(0), shape)
@@ -595,6 +697,7 @@ def _mtt_step(
     batch_syn = int(m.batch_syn) or num_classes * ipc
     k_pairs = int(m.num_trajectories)
     shared = config.mi.networks == "shared"
+    _warn_uneven("mtt.num_trajectories", k_pairs, mesh, "XLA pads it, some devices idle")
 
     def loss_fn(learned, st, starts, targets, unroll_keys, real_x, aug_key):
         images = learned["images"]
@@ -643,9 +746,11 @@ def _mtt_step(
         t = jax.random.randint(jax.random.fold_in(pair_key, 1), (k_pairs,), 0, m.max_start_epoch)
         starts, targets = experts[e, t], experts[e, t + m.expert_epochs]
         unroll_keys = jax.random.split(unroll_key, k_pairs)
+        starts, targets, unroll_keys = sharding.constrain((starts, targets, unroll_keys), mesh, 0)
         real_x = None
         if config.mi.weight:
             real_x = real_images[data_lib.sample_per_class(real_key, index, n_real)]
+            real_x = sharding.constrain(real_x, mesh, 0)
         return grad_and_update(loss_fn, state, starts, targets, unroll_keys, real_x, aug_key)
 
     return mtt_step
@@ -666,7 +771,7 @@ def _memory_stats() -> dict[str, int | None]:
 def _save_artifacts(
     workdir: str, state: State, dataset: data_lib.Dataset, config: Any, iteration: int
 ) -> None:
-    model_images = np.asarray(state["images"])
+    model_images = sharding.to_host(state["images"])
     pixels = dataset.to_pixels(model_images)
     labels = eval_labels(state)
     io.save_synthetic_set(
@@ -689,50 +794,71 @@ def _save_artifacts(
     )
 
 
-# Fields that may change between a run and its resumption without changing the images.
-_RESUMABLE_FIELDS = (
-    "distill.iterations",
-    "distill.eval_every",
+# Fields that never change the images or the results: they may differ on any rerun.
+_RUN_FIELDS = (
     "distill.log_every",
     "distill.checkpoint_every",
     "distill.keep_checkpoints",
-    "eval",
     "guard",
+    "mesh",  # the same run on other devices gives the same images up to float rounding
 )
+# While a run is unfinished its length and evaluation settings may change too. Once it has
+# finished (results.json exists) only distill.iterations may grow: other evaluation settings
+# would silently overwrite its results.
+_RESUMABLE_FIELDS = (*_RUN_FIELDS, "distill.iterations", "distill.eval_every", "eval")
 
 
 def _config_fingerprint(config: Any) -> dict[str, Any]:
+    """Every config field, flattened to dotted names and JSON scalars."""
     flat = {}
 
     def walk(prefix: str, node: Any) -> None:
         for k, v in node.items():
             name = f"{prefix}{k}"
-            if any(name == f or name.startswith(f + ".") for f in _RESUMABLE_FIELDS):
-                continue
             if isinstance(v, Mapping):
                 walk(name + ".", v)
             else:
                 flat[name] = v if isinstance(v, (int, float, str, bool)) else str(v)
 
     walk("", config.to_dict())
-    return flat
+    return json.loads(json.dumps(flat))
+
+
+def _matches(name: str, fields: Sequence[str]) -> bool:
+    return any(name == f or name.startswith(f + ".") for f in fields)
 
 
 def check_same_run(workdir: str, config: Any) -> None:
     """ConfigError if ``workdir`` holds a distillation with a different config (names the first
-    differing field); the run settings in ``_RESUMABLE_FIELDS`` may differ."""
+    differing field). ``_RESUMABLE_FIELDS`` may differ while the run is unfinished; a finished
+    run only accepts ``_RUN_FIELDS`` and more iterations."""
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         return
     with open(path) as f:
         old = json.load(f)
-    new = json.loads(json.dumps(_config_fingerprint(config)))
+    new = _config_fingerprint(config)
+    finished = os.path.isfile(os.path.join(workdir, "results.json"))
+    allowed = (*_RUN_FIELDS, "distill.iterations") if finished else _RESUMABLE_FIELDS
+    hint = "resume it with the same config or choose a new --workdir"
+    if finished:
+        hint = (
+            "it has finished; to evaluate its set differently use a new --workdir with "
+            f"--config.distill.init_from={os.path.join(workdir, 'distilled.npz')} "
+            "--config.distill.iterations=0"
+        )
     for name in sorted(set(old) | set(new)):
-        if old.get(name) != new.get(name):
+        if old.get(name) != new.get(name) and not _matches(name, allowed):
             raise ConfigError(
                 f"workdir {workdir!r} holds a run with {name}={old.get(name)!r}, not "
-                f"{new.get(name)!r}; resume it with the same config or choose a new --workdir"
+                f"{new.get(name)!r}; {hint}"
             )
+    done, wanted = old.get("distill.iterations", 0), new.get("distill.iterations", 0)
+    if finished and wanted < done:
+        raise ConfigError(
+            f"workdir {workdir!r} holds a finished run of distill.iterations={done}; it cannot "
+            f"be shortened to {wanted}; choose a new --workdir"
+        )
 
 
 class _StopRequest:
@@ -782,25 +908,35 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     ``grid_<iteration>.png`` at every evaluation (each ``distill.eval_every`` iterations,
     counting 0 = the initial set, and at the end), ``accuracy.png`` and ``results.json``.
     SIGTERM/SIGINT save a checkpoint and stop.
+
+    Devices: the step runs on ``config.mesh`` (see :func:`make_step`), evaluation spreads its
+    models over it. In a multi-process launch (``mesh.distributed``) every process runs this
+    loop and saves the orbax checkpoints together; only process 0 writes the other artifacts.
     """
     from tqdm import tqdm
 
+    sharding.initialize_distributed(sharding.options(config)["distributed"])
+    mesh = sharding.mesh_from_config(config)
+    main = sharding.is_main_process()
     # Data-dependent checks come before the workdir is created; the ZCA fit is then cached in it.
     dataset = data_lib.load_from_config(config.data, whitened=False)
     config_lib.check_ipc(config.ipc, data_lib.smallest_class(dataset))
+    check_plan(config, dataset.num_classes, mesh)
     if config.distill.init_from:
         read_init(config.distill.init_from, dataset, config)
     experts = _load_experts(config, dataset) if config.method == "mtt" else None
     check_same_run(io.check_workdir(workdir), config)
     workdir = io.prepare_workdir(workdir)
     dataset = data_lib.whiten_from_config(dataset, config.data, cache_dir=workdir)
-    with io.atomic_write(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(_config_fingerprint(config), f, indent=1, sort_keys=True)
+    if main:
+        with io.atomic_write(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(_config_fingerprint(config), f, indent=1, sort_keys=True)
 
     index = data_lib.class_index(dataset.train_labels, dataset.num_classes)
     d = config.distill
     key = jax.random.key(config.seed)
-    state = init_state(jax.random.fold_in(key, 0), dataset, config)
+    # Placed before the restore: orbax restores into the template's shardings.
+    state = place_state(init_state(jax.random.fold_in(key, 0), dataset, config), mesh, config)
     checkpoints = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), keep=d.keep_checkpoints
     )
@@ -810,24 +946,30 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         start, state = restored
         logging.warning("resuming %s from iteration %d", workdir, start)
     step = make_step(config, dataset)
-    writer = io.MetricWriter(workdir, tensorboard=True)
-    real_images = jax.device_put(jnp.asarray(dataset.train_images, jnp.float32))
-    trajectories = None if experts is None else jax.device_put(experts.trajectories)
+    writer = io.MetricWriter(workdir, tensorboard=True) if main else None
+    everywhere = sharding.replicated(mesh)
+    real_images = sharding.put(np.asarray(dataset.train_images, np.float32), everywhere)
+    trajectories = None if experts is None else sharding.put(experts.trajectories, everywhere)
     eval_key, step_key = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
     summary: dict[str, Any] = {"method": config.method, "ipc": config.ipc, "dataset": dataset.name}
 
     def evaluate(iteration: int) -> None:
-        _save_artifacts(workdir, state, dataset, config, iteration)
+        if main:
+            _save_artifacts(workdir, state, dataset, config, iteration)
+        # Every process evaluates: the models are spread over the whole mesh.
         results = evaluate_lib.evaluate_from_config(
             eval_key,
-            np.asarray(state["images"]),
+            sharding.to_host(state["images"]),
             eval_labels(state),
             dataset,
             config,
             lr=student_lr(state, config),
+            mesh=mesh,
         )
         summary["accuracy"] = {r.model: r.as_dict() for r in results}
         summary["iteration"] = iteration
+        if not main:
+            return
         writer.write(iteration, accuracy=summary["accuracy"])
         io.save_accuracy_plot(workdir)
         for r in results:
@@ -840,6 +982,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         total=d.iterations,
         desc=f"{config.method} ipc{config.ipc}",
         dynamic_ncols=True,
+        disable=not main,
     )
     window_start, window, consecutive_skips = time.perf_counter(), [], 0
     with _StopRequest() as stop:
@@ -863,7 +1006,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                 row["s_per_iter"] = (now - window_start) / len(rows)
                 row["compiles"] = step._cache_size()
                 row.update(_memory_stats())
-                writer.write(done, **row)
+                if writer is not None:
+                    writer.write(done, **row)
                 postfix = {"loss": f"{row['loss']:.4g}"}
                 if "mi" in row:
                     postfix["mi"] = f"{float(np.sum(row['mi'])):.3g}"
@@ -887,6 +1031,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     checkpoints.save(d.iterations, state)
     checkpoints.close()
     evaluate(d.iterations)
-    with io.atomic_write(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    if main:
+        with io.atomic_write(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     return summary

@@ -71,7 +71,7 @@ def dm_runs(dataset):
 
 def pure_dm(dataset, config, n):
     """DM written directly from objectives + optax, with the key layout distill documents."""
-    model = evaluate.build_model(config, C)
+    model = distill.step_model(config, C)
     strategy = augment.strategy_for_dataset(config.dsa.strategy, dataset.name)
     real = jnp.asarray(dataset.train_images)
     index = data.class_index(dataset.train_labels, C)
@@ -95,6 +95,12 @@ def pure_dm(dataset, config, n):
         images, opt, loss = one(images, opt, jax.random.fold_in(KEY, 100 + it))
         losses.append(float(loss))
     return np.asarray(images), losses
+
+
+def test_dm_step_uses_the_hybrid_conv_on_cpu_and_loops_keep_auto():
+    assert distill.step_model(make_config("dm"), C).conv_impl == "hybrid"
+    assert distill.step_model(make_config("dsa"), C).conv_impl == "auto"
+    assert distill.step_model(make_config("dm", conv_impl="im2col"), C).conv_impl == "im2col"
 
 
 def test_dm_with_mi_weight_zero_is_the_pure_base_method(dataset, dm_runs):

@@ -95,6 +95,13 @@ def test_sigterm_checkpoints_and_the_restart_gives_identical_bytes(npz_path, tmp
     before = read(a / "distilled.npz")
     with pytest.raises(ConfigError, match="distill.lr=1.0, not 0.5"):
         distill.run(config_for(npz_path, 2, **{"mi.weight": 0.1, "distill.lr": 0.5}), str(a))
+    # A finished run is not re-evaluated in place with other settings, nor shortened.
+    for change, message in (
+        ({"eval.epochs": 2}, "eval.epochs=1, not 2"),
+        ({"distill.iterations": 3}, "cannot be shortened"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            distill.run(config_for(npz_path, 2, **{"mi.weight": 0.1, **change}), str(a))
     assert read(a / "distilled.npz") == before
 
 
