@@ -291,6 +291,8 @@ def build(
     # networks: "paired" takes real features from the real-side network (MTT: the expert at
     # t+M) and synthetic ones from the synthetic-side network (MTT: the student after the
     # unroll); "shared" passes both through the synthetic-side network. DM/DC have one network.
+    # bank_slots > 0 keeps a per-class memory bank of that many real embeddings per layer
+    # (updated with bank_momentum each step) whose entries join the real candidates.
     c.mi = ml_collections.ConfigDict(
         dict(
             weight=0.0,
@@ -312,6 +314,8 @@ def build(
             optimizer="adam",
             lr=1e-3,
             networks="paired",
+            bank_slots=0,
+            bank_momentum=0.5,
         )
     )
 
@@ -415,6 +419,7 @@ def _validate_distill(c: ml_collections.ConfigDict, distill: Any) -> None:
         ("experts.epochs", c.experts.epochs, 1),
         ("experts.batch_size", c.experts.batch_size, 1),
         ("experts.group", c.experts.group, 0),
+        ("mi.bank_slots", c.mi.bank_slots, 0),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ConfigError(f"{field} must be an integer >= {minimum}, got {value!r}")
@@ -435,6 +440,8 @@ def _validate_distill(c: ml_collections.ConfigDict, distill: Any) -> None:
     if not c.mi.weight >= 0:
         raise ConfigError(f"mi.weight must be >= 0, got {c.mi.weight!r}")
     check_choice("mi.networks", c.mi.networks, distill.MI_NETWORKS)
+    if not 0 <= c.mi.bank_momentum < 1:
+        raise ConfigError(f"mi.bank_momentum must be in [0, 1), got {c.mi.bank_momentum!r}")
     check_choice("mtt.remat", c.mtt.remat, distill.REMAT)
     if c.mtt.learn_labels and c.method != "mtt":
         raise ConfigError(

@@ -8,6 +8,7 @@ The synthetic state is a plain dict pytree::
                other methods it is log(eval.lr) and fixed),
      "trainable": [C * ipc] bool, False for images that are kept as loaded (incremental growth),
      "heads": mi.init_heads params, one per MI layer (present, and untouched, when mi.weight = 0),
+     "banks": per MI layer a mi.init_memory_bank (only with mi.weight > 0 and mi.bank_slots > 0),
      "opt_state": one optax state per learned part ("images", "heads", "log_lr", "labels")}
 
 One iteration is one jitted, pure :func:`make_step` function ``step(state, key, real_images,
@@ -116,6 +117,8 @@ _MI_FIELDS = (
 _ZERO_IS_NONE = ("chunk_size", "k_pos", "k_neg", "n_data", "layer_weights")
 # The reference freezes BatchNorm statistics from this many real images per class (DC only).
 _BN_REAL_PER_CLASS = 16
+# Metrics key that carries the real embeddings from the loss to the memory-bank update.
+_BANK_UPDATE = "_bank_update"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,6 +353,13 @@ def init_state(key: jax.Array, dataset: data_lib.Dataset, config: Any) -> State:
         "trainable": trainable,
         "heads": heads,
     }
+    if config.mi.weight and config.mi.bank_slots:
+        # One per-class bank of real embeddings per MI layer: extra negatives (and positives)
+        # beyond the real batch, refreshed with momentum every step (mi.update_memory_bank).
+        state["banks"] = tuple(
+            mi.init_memory_bank(num_classes, config.mi.bank_slots, config.mi.embed_dim)
+            for _ in layers
+        )
     txs = _optimizers(config)
     state["opt_state"] = {name: txs[name].init(state[name]) for name in learned_parts(config)}
     return state
@@ -539,21 +549,28 @@ def make_step(config: Any, dataset: data_lib.Dataset, mesh: Mesh | None = None) 
 
     def with_mi(
         base: jax.Array,
-        heads: Any,
+        learned: State | None,
+        st: State | None,
         real_blocks: Sequence[jax.Array],
         syn_blocks: Sequence[jax.Array],
     ) -> tuple[jax.Array, Metrics]:
+        """base + weight * MI loss of the heads (and memory banks) in ``learned``/``st``."""
         if not weight:
             return base, {"base_loss": base}
+        banks = st.get("banks")
         mi_value, aux = mi.mi_loss(
-            heads,
+            learned.get("heads", st["heads"]),
             [lax.stop_gradient(real_blocks[layer]) for layer in layers],
             [syn_blocks[layer] for layer in layers],
             real_labels,
             syn_classes,
+            banks=banks,
             **opts,
         )
-        return base + weight * mi_value, {"base_loss": base, "mi": aux["mi"]}
+        metrics = {"base_loss": base, "mi": aux["mi"]}
+        if banks is not None:
+            metrics[_BANK_UPDATE] = aux["real_embeddings"]
+        return base + weight * mi_value, metrics
 
     def grad_and_update(loss_fn: Callable[..., Any], st: State, *args: Any) -> tuple[State, Any]:
         """value_and_grad of ``loss_fn(learned, st, *args)`` over the learned parts, their optax
@@ -561,6 +578,12 @@ def make_step(config: Any, dataset: data_lib.Dataset, mesh: Mesh | None = None) 
         learned = {name: st[name] for name in parts}
         (total, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(learned, st, *args)
         new, opt = dict(st), dict(st["opt_state"])
+        if _BANK_UPDATE in aux:
+            aux = dict(aux)
+            new["banks"] = tuple(
+                mi.update_memory_bank(bank, z, real_labels, momentum=config.mi.bank_momentum)
+                for bank, z in zip(st["banks"], aux.pop(_BANK_UPDATE), strict=True)
+            )
         for name in parts:
             updates, opt[name] = txs[name].update(grads[name], opt[name], st[name])
             new[name] = optax.apply_updates(st[name], updates)
@@ -572,15 +595,12 @@ def make_step(config: Any, dataset: data_lib.Dataset, mesh: Mesh | None = None) 
         new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, st)
         return new, {"loss": total, **aux, "skipped": (~ok).astype(jnp.int32)}
 
-    def heads_of(learned: State, st: State) -> Any:
-        return learned.get("heads", st["heads"])
-
     def dm_loss(learned, st, variables, real_x, aug_key):
         syn_x = by_class(learned["images"].reshape(num_classes, ipc, *shape))
         base, feats = objectives.dm_loss_and_features(
             variables, real_x, syn_x, aug_key, model=model, dsa_strategy=strategy
         )
-        return with_mi(base, heads_of(learned, st), feats.real.blocks, feats.syn.blocks)
+        return with_mi(base, learned, st, feats.real.blocks, feats.syn.blocks)
 
     def dm_step(state: State, key: jax.Array, real_images: jax.Array, index: Any, _experts):
         real_key, net_key, aug_key = (jax.random.fold_in(key, i) for i in range(3))
@@ -601,14 +621,14 @@ def make_step(config: Any, dataset: data_lib.Dataset, mesh: Mesh | None = None) 
             state=state,
         )
         if not weight:
-            return with_mi(base, None, (), ())
+            return with_mi(base, None, None, (), ())
         # The same views dc_loss matched: class c augmented with split(aug_key, C)[c].
         keys = jax.random.split(aug_key, num_classes)
         real_a = _augment_classes(keys, lax.stop_gradient(real_x), strategy)
         syn_a = _augment_classes(keys, syn_x, strategy)
         real_out = model.apply(variables, _flat(real_a), train=False, features=True)
         syn_out = model.apply(variables, _flat(syn_a), train=False, features=True)
-        return with_mi(base, heads_of(learned, st), real_out.blocks, syn_out.blocks)
+        return with_mi(base, learned, st, real_out.blocks, syn_out.blocks)
 
     def dc_step(state: State, key: jax.Array, real_images: jax.Array, index: Any, _experts):
         outer, inner_epochs = _outer_inner(config)
@@ -724,7 +744,7 @@ def _mtt_step(
         losses, finals = jax.vmap(one)(starts, targets, unroll_keys)
         base = jnp.mean(losses)
         if real_x is None:
-            total, metrics = with_mi(base, None, (), ())
+            total, metrics = with_mi(base, None, None, (), ())
             return total, {**metrics, "syn_lr": lr}
         student = jax.tree.map(lambda a: a[0], finals)
         real_net = student if shared else unravel(targets[0])
@@ -735,8 +755,7 @@ def _mtt_step(
             {"params": lax.stop_gradient(real_net)}, _flat(real_a), features=True
         )
         syn_out = model.apply({"params": student}, _flat(syn_a), features=True)
-        heads = learned.get("heads", st["heads"])
-        total, metrics = with_mi(base, heads, real_out.blocks, syn_out.blocks)
+        total, metrics = with_mi(base, learned, st, real_out.blocks, syn_out.blocks)
         return total, {**metrics, "syn_lr": lr}
 
     def mtt_step(state: State, key: jax.Array, real_images: jax.Array, index: Any, experts):

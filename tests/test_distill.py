@@ -232,3 +232,15 @@ def test_dm_with_mi_end_to_end_on_fashion_mnist(tmp_path):
     for row in steps:
         assert len(row["mi"]) == 2 and np.all(np.isfinite(row["mi"])) and row["s_per_iter"] > 0
     assert [r["step"] for r in rows if "accuracy" in r] == [0, 2, 3]
+
+
+def test_memory_bank_fills_and_joins_the_candidates(dataset):
+    config = make_config("dm", **{"mi.weight": 0.5, "mi.bank_slots": 4})
+    state, history, step = run_steps(config, dataset, 2)
+    assert len(state["banks"]) == 2  # one bank per ConvNet block
+    for bank in state["banks"]:
+        # 5 real images per class and step went in; 4 slots per class are now full.
+        np.testing.assert_array_equal(bank["filled"], np.full(C, 4))
+        assert np.all(np.isfinite(bank["emb"])) and np.any(bank["emb"] != 0)
+    assert all(np.all(np.isfinite(m["mi"])) and m["skipped"] == 0 for m in history)
+    assert step._cache_size() == 1 and "_bank_update" not in history[0]
