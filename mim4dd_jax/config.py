@@ -330,6 +330,17 @@ def build(
     return c
 
 
+def flatten_dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a.b": leaf} for every leaf of nested mappings (e.g. ``config.to_dict()``)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(flatten_dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def set_dotted(c: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
     """Sets ``c.a.b = value`` for ``dotted == "a.b"``."""
     *parents, leaf = dotted.split(".")
@@ -352,7 +363,7 @@ def check_ipc(ipc: int, smallest_class: int | None = None) -> None:
 def validate(c: ml_collections.ConfigDict) -> None:
     """Checks every name and range that can be checked without data; raises ConfigError."""
     # late: config files import this module
-    from mim4dd_jax import augment, coreset, data, distill, evaluate, inner
+    from mim4dd_jax import augment, coreset, data, distill, evaluate, experts, inner
 
     check_choice("method", c.method, METHODS)
     check_ipc(c.ipc)
@@ -375,6 +386,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"eval.epochs must be >= 0, got {c.eval.epochs}")
     if "distill" in c:
         _validate_distill(c, distill)
+    if "experts" in c:
+        experts.check_config(c)
     if "mesh" in c:
         _validate_mesh(c.mesh)
 
@@ -415,10 +428,6 @@ def _validate_distill(c: ml_collections.ConfigDict, distill: Any) -> None:
         ("mtt.max_start_epoch", c.mtt.max_start_epoch, 1),
         ("mtt.batch_syn", c.mtt.batch_syn, 0),
         ("mtt.num_trajectories", c.mtt.num_trajectories, 1),
-        ("experts.num", c.experts.num, 1),
-        ("experts.epochs", c.experts.epochs, 1),
-        ("experts.batch_size", c.experts.batch_size, 1),
-        ("experts.group", c.experts.group, 0),
         ("mi.bank_slots", c.mi.bank_slots, 0),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -431,7 +440,6 @@ def _validate_distill(c: ml_collections.ConfigDict, distill: Any) -> None:
         ("mtt.lr_teacher", c.mtt.lr_teacher),
         ("mtt.lr_lr", c.mtt.lr_lr),
         ("mtt.lr_labels", c.mtt.lr_labels),
-        ("experts.lr", c.experts.lr),
     ):
         if not value > 0:
             raise ConfigError(f"{field} must be > 0, got {value!r}")

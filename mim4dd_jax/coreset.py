@@ -8,7 +8,6 @@ feature. Its greedy choices are nested: the IPC-k selection is the first k of th
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from typing import Any
@@ -153,8 +152,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         "accuracy": {r.model: r.as_dict() for r in results},
     }
     io.MetricWriter(workdir).write(0, **summary)
-    with io.atomic_write(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    io.write_json(os.path.join(workdir, "results.json"), summary)
     for r in results:
         print(f"{config.method} ipc{config.ipc} {r}")
     return summary

@@ -283,7 +283,7 @@ def read_init(path: str, dataset: data_lib.Dataset, config: Any) -> InitSet:
 
 
 def _init_images(
-    key: jax.Array, dataset: data_lib.Dataset, config: Any
+    key: jax.Array, dataset: data_lib.Dataset, config: Any, loaded: InitSet | None
 ) -> tuple[jax.Array, jax.Array]:
     """Initial images [C*ipc, H, W, Ch] and the ``trainable`` mask [C*ipc] bool."""
     check_choice("distill.init", config.distill.init, INITS)
@@ -295,9 +295,8 @@ def _init_images(
     else:
         images = jax.random.normal(key, (num_classes * ipc, *shape), jnp.float32)
     trainable = jnp.ones((num_classes * ipc,), bool)
-    if not config.distill.init_from:
+    if loaded is None:
         return images, trainable
-    loaded = read_init(config.distill.init_from, dataset, config)
     k = loaded["k"]
     old = loaded.get("model")
     if old is None:
@@ -310,19 +309,17 @@ def _init_images(
     return images.reshape(-1, *shape), trainable
 
 
-def _init_labels(dataset: data_lib.Dataset, config: Any) -> jax.Array:
+def _init_labels(dataset: data_lib.Dataset, config: Any, loaded: InitSet | None) -> jax.Array:
     num_classes, ipc = dataset.num_classes, config.ipc
     labels = objectives.class_labels(num_classes, ipc)
     if not (config.method == "mtt" and config.mtt.learn_labels):
         return labels
     logits = config.mtt.label_logit * jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-    if config.distill.init_from:
-        loaded = read_init(config.distill.init_from, dataset, config)
-        if "soft" in loaded:
-            k = loaded["k"]
-            old = jnp.log(jnp.maximum(jnp.asarray(loaded["soft"]), 1e-8))
-            logits = logits.reshape(num_classes, ipc, num_classes).at[:, :k].set(old)
-            logits = logits.reshape(-1, num_classes)
+    if loaded is not None and "soft" in loaded:
+        k = loaded["k"]
+        old = jnp.log(jnp.maximum(jnp.asarray(loaded["soft"]), 1e-8))
+        logits = logits.reshape(num_classes, ipc, num_classes).at[:, :k].set(old)
+        logits = logits.reshape(-1, num_classes)
     return logits
 
 
@@ -336,7 +333,9 @@ def init_state(key: jax.Array, dataset: data_lib.Dataset, config: Any) -> State:
     (incremental growth). The heads are ``mi.init_heads`` for the blocks in ``mi.layers``.
     """
     num_classes, shape = dataset.num_classes, dataset.image_shape
-    images, trainable = _init_images(jax.random.fold_in(key, 0), dataset, config)
+    init_from = config.distill.init_from
+    loaded = read_init(init_from, dataset, config) if init_from else None
+    images, trainable = _init_images(jax.random.fold_in(key, 0), dataset, config, loaded)
     model = evaluate_lib.build_model(config, num_classes)
     blocks = models.block_shapes(model, shape)
     layers = mi_layers(config, model, shape)
@@ -348,7 +347,7 @@ def init_state(key: jax.Array, dataset: data_lib.Dataset, config: Any) -> State:
     lr = config.mtt.lr_teacher if config.method == "mtt" else config.eval.lr
     state = {
         "images": images,
-        "labels": _init_labels(dataset, config),
+        "labels": _init_labels(dataset, config, loaded),
         "log_lr": jnp.asarray(math.log(lr), jnp.float32),
         "trainable": trainable,
         "heads": heads,
@@ -450,6 +449,27 @@ def _augment_classes(keys: jax.Array, x: jax.Array, strategy: str | None) -> jax
 
 def _flat(x: jax.Array) -> jax.Array:
     return x.reshape(-1, *x.shape[2:])
+
+
+def _siamese_blocks(
+    model: nn.Module,
+    real_variables: Any,
+    syn_variables: Any,
+    real_x: jax.Array,
+    syn_x: jax.Array,
+    aug_key: jax.Array,
+    strategy: str | None,
+) -> tuple[Sequence[jax.Array], Sequence[jax.Array]]:
+    """Per-block features of real [C, n, ...] and synthetic [C, ipc, ...] batches (flattened
+    class-major) for the MI term: class c of both under the siamese DSA view of
+    ``split(aug_key, C)[c]``, the real batch through ``real_variables`` (no gradient), the
+    synthetic one through ``syn_variables``."""
+    keys = jax.random.split(aug_key, real_x.shape[0])
+    real_a = _augment_classes(keys, lax.stop_gradient(real_x), strategy)
+    syn_a = _augment_classes(keys, syn_x, strategy)
+    real_out = model.apply(real_variables, _flat(real_a), train=False, features=True)
+    syn_out = model.apply(syn_variables, _flat(syn_a), train=False, features=True)
+    return real_out.blocks, syn_out.blocks
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -623,12 +643,10 @@ def make_step(config: Any, dataset: data_lib.Dataset, mesh: Mesh | None = None) 
         if not weight:
             return with_mi(base, None, None, (), ())
         # The same views dc_loss matched: class c augmented with split(aug_key, C)[c].
-        keys = jax.random.split(aug_key, num_classes)
-        real_a = _augment_classes(keys, lax.stop_gradient(real_x), strategy)
-        syn_a = _augment_classes(keys, syn_x, strategy)
-        real_out = model.apply(variables, _flat(real_a), train=False, features=True)
-        syn_out = model.apply(variables, _flat(syn_a), train=False, features=True)
-        return with_mi(base, learned, st, real_out.blocks, syn_out.blocks)
+        real_blocks, syn_blocks = _siamese_blocks(
+            model, variables, variables, real_x, syn_x, aug_key, strategy
+        )
+        return with_mi(base, learned, st, real_blocks, syn_blocks)
 
     def dc_step(state: State, key: jax.Array, real_images: jax.Array, index: Any, _experts):
         outer, inner_epochs = _outer_inner(config)
@@ -748,14 +766,16 @@ def _mtt_step(
             return total, {**metrics, "syn_lr": lr}
         student = jax.tree.map(lambda a: a[0], finals)
         real_net = student if shared else unravel(targets[0])
-        keys = jax.random.split(aug_key, num_classes)
-        real_a = _augment_classes(keys, real_x, strategy)
-        syn_a = _augment_classes(keys, images.reshape(num_classes, ipc, *shape), strategy)
-        real_out = model.apply(
-            {"params": lax.stop_gradient(real_net)}, _flat(real_a), features=True
+        real_blocks, syn_blocks = _siamese_blocks(
+            model,
+            {"params": lax.stop_gradient(real_net)},
+            {"params": student},
+            real_x,
+            images.reshape(num_classes, ipc, *shape),
+            aug_key,
+            strategy,
         )
-        syn_out = model.apply({"params": student}, _flat(syn_a), features=True)
-        total, metrics = with_mi(base, learned, st, real_out.blocks, syn_out.blocks)
+        total, metrics = with_mi(base, learned, st, real_blocks, syn_blocks)
         return total, {**metrics, "syn_lr": lr}
 
     def mtt_step(state: State, key: jax.Array, real_images: jax.Array, index: Any, experts):
@@ -829,18 +849,9 @@ _RESUMABLE_FIELDS = (*_RUN_FIELDS, "distill.iterations", "distill.eval_every", "
 
 def _config_fingerprint(config: Any) -> dict[str, Any]:
     """Every config field, flattened to dotted names and JSON scalars."""
-    flat = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        for k, v in node.items():
-            name = f"{prefix}{k}"
-            if isinstance(v, Mapping):
-                walk(name + ".", v)
-            else:
-                flat[name] = v if isinstance(v, (int, float, str, bool)) else str(v)
-
-    walk("", config.to_dict())
-    return json.loads(json.dumps(flat))
+    flat = config_lib.flatten_dotted(config.to_dict())
+    scalars = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
+    return json.loads(json.dumps(scalars))
 
 
 def _matches(name: str, fields: Sequence[str]) -> bool:
@@ -948,8 +959,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     workdir = io.prepare_workdir(workdir)
     dataset = data_lib.whiten_from_config(dataset, config.data, cache_dir=workdir)
     if main:
-        with io.atomic_write(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(_config_fingerprint(config), f, indent=1, sort_keys=True)
+        io.write_json(
+            os.path.join(workdir, "config.json"), _config_fingerprint(config), sort_keys=True
+        )
 
     index = data_lib.class_index(dataset.train_labels, dataset.num_classes)
     d = config.distill
@@ -1051,6 +1063,5 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     checkpoints.close()
     evaluate(d.iterations)
     if main:
-        with io.atomic_write(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        io.write_json(os.path.join(workdir, "results.json"), summary)
     return summary

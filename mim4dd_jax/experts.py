@@ -62,6 +62,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from mim4dd_jax import augment as augment_lib
+from mim4dd_jax import config as config_lib
 from mim4dd_jax import data as data_lib
 from mim4dd_jax import evaluate as evaluate_lib
 from mim4dd_jax import inner, io
@@ -208,16 +209,6 @@ def make_meta(config: Any, dataset: data_lib.Dataset) -> dict[str, Any]:
     return json.loads(json.dumps(meta))  # tuples -> lists, as they come back from the file
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_meta(
     stored: Mapping[str, Any],
     current: Mapping[str, Any],
@@ -227,7 +218,7 @@ def check_meta(
     fields: Callable[[str], bool] = lambda name: True,
 ) -> None:
     """Raises ConfigError naming every dotted field (among ``fields``) whose values differ."""
-    old, new = _flatten(stored), _flatten(current)
+    old, new = config_lib.flatten_dotted(stored), config_lib.flatten_dotted(current)
     missing = "<missing>"
     diffs = [
         f"{name}: stored {old.get(name, missing)!r}, current {new.get(name, missing)!r}"
@@ -365,13 +356,12 @@ def _write_expert(path: str, record: _Record) -> None:
     n = record.test_accuracy.shape[0]
     chex.assert_shape(record.params, (n + 1, None))
     chex.assert_rank(record.state, 1)
-    with io.atomic_write(path) as f:
-        np.savez(
-            f,
-            params=np.asarray(record.params, np.float32),
-            test_accuracy=np.asarray(record.test_accuracy, np.float32),
-            state=np.asarray(record.state, np.float32),
-        )
+    io.save_npz(
+        path,
+        params=np.asarray(record.params, np.float32),
+        test_accuracy=np.asarray(record.test_accuracy, np.float32),
+        state=np.asarray(record.state, np.float32),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -505,8 +495,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     workdir = io.prepare_workdir(workdir)
     dataset = data_lib.whiten_from_config(dataset, config.data, cache_dir=workdir)
     if not os.path.exists(meta_path):
-        with io.atomic_write(meta_path, "w") as f:
-            json.dump(meta, f, indent=2)
+        io.write_json(meta_path, meta)
 
     model = evaluate_lib.build_model(config, dataset.num_classes)
     hparams = EpochConfig(
@@ -565,8 +554,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         "epochs": ex.epochs,
         "test_accuracy": {"mean": float(np.mean(final)), "std": float(np.std(final)), "all": final},
     }
-    with io.atomic_write(os.path.join(workdir, RESULTS), "w") as f:
-        json.dump(summary, f, indent=2)
+    io.write_json(os.path.join(workdir, RESULTS), summary)
     tqdm.write(
         f"{ex.num} experts, {ex.epochs} epochs: test accuracy "
         f"{100 * summary['test_accuracy']['mean']:.2f} ± {100 * summary['test_accuracy']['std']:.2f} %"

@@ -95,6 +95,12 @@ def save_distilled(
     )
 
 
+def write_json(path: str, obj: Any, **dump_kwargs: Any) -> None:
+    """``json.dump(obj)`` into ``path`` atomically (indent 2 unless given)."""
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, **{"indent": 2, **dump_kwargs})
+
+
 def save_npz(path: str, **arrays: np.ndarray) -> None:
     """``np.savez`` (readable by ``np.load``), atomically, with fixed zip timestamps so that the
     bytes depend on the arrays only."""
