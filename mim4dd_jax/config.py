@@ -229,7 +229,9 @@ def build(
     )
 
     # Distillation (mode "distill"). outer_loop/inner_loop 0 = the reference's per-IPC values
-    # (objectives.dc_loops); eval_every 0 = evaluate at the end only.
+    # (objectives.dc_loops); eval_every 0 = evaluate at the end only. real_chunk: DM's real
+    # forward pass in slices of about this many images (-1 = 64 on CPU, where it keeps the
+    # activations in cache, and one pass on accelerators; 0 = one pass).
     c.distill = ml_collections.ConfigDict(
         dict(
             iterations=1000,
@@ -249,6 +251,7 @@ def build(
             freeze_loaded=True,
             checkpoint_every=100,
             keep_checkpoints=3,
+            real_chunk=-1,
         )
     )
     # Trajectory matching (Cazenavette et al. 2022). experts_dir: the workdir of an "experts" run.
@@ -422,6 +425,7 @@ def _validate_distill(c: ml_collections.ConfigDict, distill: Any) -> None:
         ("distill.log_every", d.log_every, 1),
         ("distill.checkpoint_every", d.checkpoint_every, 0),
         ("distill.keep_checkpoints", d.keep_checkpoints, 1),
+        ("distill.real_chunk", d.real_chunk, -1),
         ("guard.max_consecutive", c.guard.max_consecutive, 1),
         ("mtt.syn_steps", c.mtt.syn_steps, 1),
         ("mtt.expert_epochs", c.mtt.expert_epochs, 1),

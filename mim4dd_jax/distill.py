@@ -522,6 +522,15 @@ def step_model(config: Any, num_classes: int) -> nn.Module:
     return model
 
 
+def real_chunk(config: Any) -> int:
+    """``distill.real_chunk`` resolved: -1 is 64 on CPU (measured best of 20-320 for the DM step,
+    BENCHMARKS.md) and 0 (one pass) on accelerators, where big batches are the fast case."""
+    chunk = int(config.distill.real_chunk)
+    if chunk == -1:
+        return 64 if jax.default_backend() == "cpu" else 0
+    return chunk
+
+
 def make_step(config: Any, dataset: data_lib.Dataset, mesh: Mesh | None = None) -> StepFn:
     """The jitted ``step(state, key, real_images, class_index, experts=None) -> (state, metrics)``.
 
@@ -554,6 +563,7 @@ def make_step(config: Any, dataset: data_lib.Dataset, mesh: Mesh | None = None) 
     opts = mi_options(config.mi)
     txs = _optimizers(config)
     parts = learned_parts(config)
+    chunk = real_chunk(config)
     real_labels = objectives.class_labels(num_classes, n_real)
     syn_classes = objectives.class_labels(num_classes, ipc)
     mesh = sharding.mesh_from_config(config) if mesh is None else mesh
@@ -618,7 +628,7 @@ def make_step(config: Any, dataset: data_lib.Dataset, mesh: Mesh | None = None) 
     def dm_loss(learned, st, variables, real_x, aug_key):
         syn_x = by_class(learned["images"].reshape(num_classes, ipc, *shape))
         base, feats = objectives.dm_loss_and_features(
-            variables, real_x, syn_x, aug_key, model=model, dsa_strategy=strategy
+            variables, real_x, syn_x, aug_key, model=model, dsa_strategy=strategy, real_chunk=chunk
         )
         return with_mi(base, learned, st, feats.real.blocks, feats.syn.blocks)
 
@@ -838,6 +848,7 @@ _RUN_FIELDS = (
     "distill.log_every",
     "distill.checkpoint_every",
     "distill.keep_checkpoints",
+    "distill.real_chunk",  # slicing the real forward pass changes only float rounding
     "guard",
     "mesh",  # the same run on other devices gives the same images up to float rounding
 )

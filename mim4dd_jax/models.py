@@ -19,6 +19,7 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from mim4dd_jax.conv import IMPLS, conv2d
 from mim4dd_jax.errors import check_choice
@@ -96,13 +97,33 @@ class Dense(nn.Module):
         return jnp.dot(x, kernel) + bias
 
 
+class InstanceNorm(nn.Module):
+    """torch ``GroupNorm(C, C)`` on NHWC maps: per image and channel, (x - mean) / sqrt(var + eps)
+    over H and W (biased variance, computed in two passes), then the affine scale and bias [C].
+
+    The parameters are those of flax ``GroupNorm(group_size=1)``. The variance is written as a
+    contraction of the centred map with itself: XLA:CPU runs that about 3x faster than the same
+    mean of squares, which it fuses into a slow broadcast-reduce loop (BENCHMARKS.md, DM step).
+    HIGHEST precision keeps TF32 out of it on GPU. x: [N, H, W, C] -> [N, H, W, C].
+    """
+
+    epsilon: float = _EPS
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        _, h, w, c = x.shape
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        centred = x - jnp.mean(x, axis=(1, 2), keepdims=True)
+        var = jnp.einsum("nhwc,nhwc->nc", centred, centred, precision=lax.Precision.HIGHEST)
+        inv = lax.rsqrt(var / (h * w) + self.epsilon)[:, None, None, :] * scale
+        return centred * inv + bias
+
+
 def _norm(kind: str, train: bool, name: str) -> Callable[[jax.Array], jax.Array]:
     """The norm layer after a conv, on NHWC maps; built inside the caller's compact scope."""
     if kind == "instance":
-        # GroupNorm with one channel per group == torch GroupNorm(C, C).
-        return nn.GroupNorm(
-            num_groups=None, group_size=1, epsilon=_EPS, use_fast_variance=False, name=name
-        )
+        return InstanceNorm(name=name)
     if kind == "group":
         return nn.GroupNorm(num_groups=4, epsilon=_EPS, use_fast_variance=False, name=name)
     if kind == "layer":

@@ -251,6 +251,39 @@ def _features(model: nn.Module, variables: PyTree, x: jax.Array) -> ModelOutput:
     return model.apply(variables, x, train=False, features=True)
 
 
+def features_in_slices(
+    model: nn.Module, variables: PyTree, x: jax.Array, chunk: int = 0
+) -> ModelOutput:
+    """The network's outputs on x [C, n, H, W, Ch], flattened class-major ([C * n, ...] leaves),
+    computed without a gradient path in slices of m = max(1, chunk // C) images per class.
+
+    Why: on CPU one pass over thousands of images streams every [N, H, W, 128] activation through
+    main memory several times (conv, norm statistics, normalise, pool); a ``lax.map`` over slices
+    of ~64 images keeps them in cache, 1.4x faster for DM's real side (BENCHMARKS.md). The slices
+    are cut inside each class, so a class-sharded batch stays sharded. chunk <= 0, or a model
+    with BatchNorm (train-mode statistics are over the whole batch), gives one pass. n is padded
+    up to a multiple of m; the padded rows are dropped.
+    """
+    num_classes, n = x.shape[:2]
+    m = max(1, chunk // num_classes)
+    if chunk <= 0 or "batch_stats" in variables or m >= n:
+        return _features(model, variables, x.reshape(-1, *x.shape[2:]))
+    steps = -(-n // m)
+    x = jnp.pad(x, ((0, 0), (0, steps * m - n)) + ((0, 0),) * (x.ndim - 2))
+    slices = jnp.moveaxis(x.reshape(num_classes, steps, m, *x.shape[2:]), 1, 0)
+    out = lax.map(
+        lambda xs: _features(model, variables, xs.reshape(-1, *xs.shape[2:])),
+        lax.stop_gradient(slices),
+    )
+
+    def unslice(leaf: jax.Array) -> jax.Array:  # [steps, C * m, ...] -> [C * n, ...]
+        leaf = leaf.reshape(steps, num_classes, m, *leaf.shape[2:])
+        leaf = jnp.moveaxis(leaf, 0, 1).reshape(num_classes, steps * m, *leaf.shape[3:])
+        return leaf[:, :n].reshape(num_classes * n, *leaf.shape[2:])
+
+    return jax.tree.map(unslice, out)
+
+
 def dm_loss_and_features(
     variables: PyTree,
     real_x: jax.Array,
@@ -260,6 +293,7 @@ def dm_loss_and_features(
     model: nn.Module,
     dsa_strategy: str | None = None,
     dsa_params: DSAParams = _DEFAULT_DSA,
+    real_chunk: int = 0,
 ) -> tuple[jax.Array, MatchedFeatures]:
     """DM loss sum_c ||mean embed(real_c) - mean embed(syn_c)||^2, and both sides' features.
 
@@ -272,6 +306,8 @@ def dm_loss_and_features(
       real_x: [C, n_real, H, W, Ch] float32; syn_x: [C, ipc, H, W, Ch] float32.
       key: PRNG key for DSA (class c uses ``split(key, C)[c]``).
       model, dsa_strategy, dsa_params: static; see :func:`dc_loss`.
+      real_chunk: static; the real side in slices of ~real_chunk images
+        (:func:`features_in_slices`); 0 = one pass. The results agree up to float rounding.
 
     Returns (loss float32 scalar, :class:`MatchedFeatures`); the loss is differentiable w.r.t.
     syn_x only.
@@ -282,7 +318,7 @@ def dm_loss_and_features(
     keys = jax.random.split(key, num_classes)
     real_x = _siamese_per_class(keys, lax.stop_gradient(real_x), dsa_strategy, dsa_params)
     syn_x = _siamese_per_class(keys, syn_x, dsa_strategy, dsa_params)
-    real_out = _features(model, variables, real_x.reshape(-1, *real_x.shape[2:]))
+    real_out = features_in_slices(model, variables, real_x, real_chunk)
     real_out = jax.tree.map(lax.stop_gradient, real_out)
     syn_out = _features(model, variables, syn_x.reshape(-1, *syn_x.shape[2:]))
     mean_real = jnp.mean(real_out.embedding.reshape(num_classes, n_real, -1), axis=1)
@@ -300,6 +336,7 @@ def dm_loss(
     model: nn.Module,
     dsa_strategy: str | None = None,
     dsa_params: DSAParams = _DEFAULT_DSA,
+    real_chunk: int = 0,
 ) -> jax.Array:
     """The DM loss alone (float32 scalar); see :func:`dm_loss_and_features` for the shapes."""
     loss, _ = dm_loss_and_features(
@@ -310,6 +347,7 @@ def dm_loss(
         model=model,
         dsa_strategy=dsa_strategy,
         dsa_params=dsa_params,
+        real_chunk=real_chunk,
     )
     return loss
 

@@ -292,6 +292,36 @@ def test_dm_features_are_class_major_and_give_the_loss(variables, batches):
     np.testing.assert_array_equal(obj.class_labels(C, IPC), [0, 0, 1, 1, 2, 2])
 
 
+@pytest.mark.parametrize("chunk", [3, 6, 9, 100])  # m = 1 (n/m = 4), 2, 3 (padded), one pass
+def test_features_in_slices_equal_one_pass(variables, batches, chunk):
+    real, _ = batches
+    sliced = jax.jit(obj.features_in_slices, static_argnums=(0, 3))(MODEL, variables, real, chunk)
+    whole = MODEL.apply(variables, real.reshape(-1, *SHAPE), features=True)
+    for got, want in zip(jax.tree.leaves(sliced), jax.tree.leaves(whole), strict=True):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_dm_loss_with_real_chunks_equals_one_pass(variables, batches):
+    real, syn = batches
+    key = jax.random.key(25)
+    one, g_one = _dm(DSA)(variables, real, syn, key)
+    fn = functools.partial(obj.dm_loss, model=MODEL, dsa_strategy=DSA, real_chunk=C * 3)
+    sliced, g_sliced = jax.jit(jax.value_and_grad(fn, argnums=(1, 2)))(variables, real, syn, key)
+    np.testing.assert_allclose(float(sliced), float(one), rtol=1e-5)
+    np.testing.assert_allclose(g_sliced[1], g_one[1], rtol=1e-4, atol=1e-7)
+    assert float(jnp.max(jnp.abs(g_sliced[0]))) == 0.0
+
+
+def test_features_in_slices_keeps_one_pass_for_batchnorm():
+    model = get_model("convnet", num_classes=C, width=4, depth=1, norm="batch")
+    variables = init_variables(model, jax.random.key(0), SHAPE)
+    real = jax.random.normal(jax.random.key(1), (C, N_REAL, *SHAPE))
+    got = obj.features_in_slices(model, variables, real, C)
+    want = obj._features(model, variables, real.reshape(-1, *SHAPE))
+    np.testing.assert_array_equal(got.embedding, want.embedding)
+
+
 # ---------------------------------------------------------------------------------------------
 # MTT
 # ---------------------------------------------------------------------------------------------
