@@ -13,6 +13,9 @@ batch_real 256 with siamese DSA, DC/DSA the reference loops unless ``--dc_loops`
 DSA student) on random data of the right shape (``--train_per_class`` images per class); MTT gets a
 fake trajectory array [2, max_start_epoch + expert_epochs, P], P = ravel_pytree(params).size.
 
+``--methods net`` times one training step of the bare ConvNet (forward, weight gradient, SGD
+update; cross-entropy on ``--net_batch`` random images), the unit every inner loop repeats.
+
 Per row:
 - compile: trace + lower + XLA compile of the step (``step.lower(...).compile()``), seconds;
 - s/iter: median over ``--iters`` timed calls of the compiled step (``block_until_ready``) after
@@ -35,6 +38,7 @@ weight gradient (skipped when the weights are not differentiated). Hence, with F
 - second order (the gradient of a function that itself contains a forward + backward pass, as
   DC's gradient matching and MTT's unrolled student): every one of the 3 products per layer is
   differentiated w.r.t. both of its operands: 3F + 6F = 9F per image.
+- net (one ConvNet training step on a batch of B images): B*(3F - f_0).
 - DM: C*n_real*F (real side, no gradient) + C*ipc*2F (synthetic side, image gradient only).
 - DC: per outer step, C*n_real*(3F - f_0) (real gradients) + C*ipc*9F (synthetic gradient
   matched, differentiated w.r.t. the images), plus (outer - 1) * inner_loop epochs of training on
@@ -89,6 +93,8 @@ def step_flops(spec: dict, config, n_real: int) -> tuple[float, float]:
     big_f, f0 = sum(f), f[0]
     ipc, method, mi_on = config.ipc, config.method, bool(config.mi.weight)
     train = 3 * big_f - f0
+    if spec["method"] == "net":
+        return spec["net_batch"] * train, spec["net_batch"]
     if method == "dm":
         flops = c * n_real * big_f + c * ipc * 2 * big_f
         images = c * (n_real + ipc)
@@ -177,6 +183,48 @@ def build(spec: dict):
     return config, dataset, state, real, index, experts
 
 
+def build_net(spec: dict):
+    """(config, jitted donated train step, its arguments) for ``--methods net``."""
+    import jax
+    import jax.numpy as jnp
+
+    from mim4dd_jax import evaluate, inner
+
+    config = _load_config(spec["dataset"], "dm,ipc10")
+    config.conv_impl = spec["conv_impl"]
+    model = evaluate.build_model(config, 10)
+    shape, batch = tuple(spec["image_shape"]), spec["net_batch"]
+    x = jax.random.normal(jax.random.key(1), (batch, *shape), jnp.float32)
+    y = jax.random.randint(jax.random.key(2), (batch,), 0, 10)
+    params = inner.init_variables(model, jax.random.key(0), shape)["params"]
+
+    def train_step(params, x, y):
+        def loss(p):
+            return inner.cross_entropy(model.apply({"params": p}, x), y)
+
+        value, grads = jax.value_and_grad(loss)(params)
+        return jax.tree.map(lambda p, g: p - 0.01 * g, params, grads), value
+
+    return config, jax.jit(train_step, donate_argnums=(0,)), (params, x, y)
+
+
+def _time_calls(call, state, iters: int) -> tuple[float, list[float], object, object]:
+    """(first call s, timed call s, final state, last metrics): one warm-up, then ``iters``."""
+    import jax
+
+    t0 = time.perf_counter()
+    state, metrics = call(state, 0)
+    jax.block_until_ready((state, metrics))
+    first_s = time.perf_counter() - t0
+    times = []
+    for it in range(iters):
+        t0 = time.perf_counter()
+        state, metrics = call(state, it + 1)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t0)
+    return first_s, times, state, metrics
+
+
 def measure(spec: dict) -> dict:
     import resource
 
@@ -185,6 +233,14 @@ def measure(spec: dict) -> dict:
     from mim4dd_jax import distill, objectives
 
     peak = sgemm_peak()
+    if spec["method"] == "net":
+        config, step, (params, x, y) = build_net(spec)
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t0 = time.perf_counter()
+        compiled = step.lower(params, x, y).compile()
+        compile_s = time.perf_counter() - t0
+        first_s, times, _, loss = _time_calls(lambda p, _: compiled(p, x, y), params, spec["iters"])
+        return _result(spec, config, peak, compiled, compile_s, first_s, times, rss_before, loss)
     config, dataset, state, real, index, experts = build(spec)
     n_real = min(config.distill.batch_real, spec["train_per_class"])
     if config.method in ("dc", "dsa"):
@@ -202,6 +258,25 @@ def measure(spec: dict) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(state, key, real, index, experts).compile()
     compile_s = time.perf_counter() - t0
+    if not spec["iters"]:
+        return _result(spec, config, peak, compiled, compile_s, None, [], rss_before, None, n_real)
+
+    def call(state, it):
+        return compiled(state, jax.random.fold_in(key, it), real, index, experts)
+
+    first_s, times, _, metrics = _time_calls(call, state, spec["iters"])
+    return _result(
+        spec, config, peak, compiled, compile_s, first_s, times, rss_before, metrics, n_real
+    )
+
+
+def _result(
+    spec, config, peak, compiled, compile_s, first_s, times, rss_before, metrics, n_real=0
+) -> dict:
+    """One row's numbers (see the module docstring); metrics: the step's last metrics (a dict),
+    the net step's loss, or None for a compile-only row."""
+    import resource
+
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     mem = compiled.memory_analysis()
@@ -216,21 +291,12 @@ def measure(spec: dict) -> dict:
         "xla_gflop": float(cost.get("flops", float("nan"))) / 1e9,
         "images": images,
     }
-    if not spec["iters"]:  # compile only: XLA's memory plan, no run
-        rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return {**out, "rss_peak_mib": rss_peak / 1024, "median_s": None}
-    t0 = time.perf_counter()
-    state, metrics = compiled(state, jax.random.fold_in(key, 0), real, index, experts)
-    jax.block_until_ready((state, metrics))
-    first_s = time.perf_counter() - t0
-    times = []
-    for it in range(spec["iters"]):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, jax.random.fold_in(key, it + 1), real, index, experts)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t0)
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if not times:  # compile only: XLA's memory plan, no run
+        return {**out, "rss_peak_mib": rss_peak / 1024, "median_s": None}
     med = statistics.median(times)
+    loss = metrics["loss"] if isinstance(metrics, dict) else metrics
+    skipped = metrics["skipped"] if isinstance(metrics, dict) else 0
     return {
         **out,
         "first_s": first_s,
@@ -241,8 +307,8 @@ def measure(spec: dict) -> dict:
         "img_per_s": images / med,
         "gflops": flops / med / 1e9,
         "frac_peak": flops / med / peak,
-        "loss": float(metrics["loss"]),
-        "skipped": int(metrics["skipped"]),
+        "loss": float(loss),
+        "skipped": int(skipped),
     }
 
 
@@ -299,7 +365,11 @@ def grid_specs(args, common: dict) -> list[dict]:
         _csv(args.shapes), _csv(args.methods), _csv(args.ipcs, int), _csv(args.mi, float)
     ):
         row = {**common, "shape": shape, "method": method, "ipc": ipc, "mi": mi_w}
-        if method in ("dc", "dsa"):
+        if method == "net":  # no IPC, no MI: one row per shape and conv impl
+            row.update(ipc="-", mi="-")
+            if row not in specs:
+                specs.append(row)
+        elif method in ("dc", "dsa"):
             loops = _csv(args.dc_loops, int) if args.dc_loops else None
             specs.append({**row, "dc_loops": loops})
         elif method == "mtt":
@@ -316,6 +386,8 @@ def _label(r: dict) -> str:
         extra = f" loops {r['outer']}x{r['inner']}" if "outer" in r else ""
     if r["method"] == "mtt":
         extra = f" S{r['syn_steps']} B{r.get('batch_syn', '?')} remat {r['remat']}"
+    if r["method"] == "net":
+        extra = f" train step B{r['net_batch']}"
     impl = "" if r.get("conv_impl", "auto") == "auto" else f" [{r['conv_impl']}]"
     return f"{r['method']}{extra}{impl}"
 
@@ -349,7 +421,7 @@ def main() -> None:
     p.add_argument(
         "--methods",
         default=None,
-        help="dm,dc,dsa,mtt (setting any grid flag "
+        help="dm,dc,dsa,mtt,net (setting any grid flag "
         "replaces the default subset by the grid of the given flags)",
     )
     p.add_argument("--shapes", default="fmnist", help="fmnist (28x28x1), cifar (32x32x3)")
@@ -368,6 +440,7 @@ def main() -> None:
         "0 = compile only (XLA's memory plan and FLOP count, no run)",
     )
     p.add_argument("--train_per_class", type=int, default=300)
+    p.add_argument("--net_batch", type=int, default=256, help="batch of --methods net")
     p.add_argument("--conv_impl", default="auto", help="config.conv_impl: auto, im2col, xla, ...")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per row")
     p.add_argument("--title", default="Distillation steps (issue 5)")
@@ -378,6 +451,7 @@ def main() -> None:
         "train_per_class": args.train_per_class,
         "conv_impl": args.conv_impl,
         "batch_syn": args.batch_syn,
+        "net_batch": args.net_batch,
     }
     if args.grid:
         args.methods, args.shapes, args.ipcs = "dm,dsa,mtt", "fmnist,cifar", "1,10,50"

@@ -229,8 +229,9 @@ def build(
     )
 
     # Distillation (mode "distill"). outer_loop/inner_loop 0 = the reference's per-IPC values
-    # (objectives.dc_loops); eval_every 0 = evaluate at the end only. real_chunk: DM's real
-    # forward pass in slices of about this many images (-1 = 64 on CPU, where it keeps the
+    # (objectives.dc_loops); eval_every 0 = evaluate at the end only. real_chunk: the forward
+    # passes over real images that need no gradient (DM's real side, the MI term's real
+    # features) in slices of about this many images (-1 = 64 on CPU, where it keeps the
     # activations in cache, and one pass on accelerators; 0 = one pass).
     c.distill = ml_collections.ConfigDict(
         dict(

@@ -76,7 +76,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
-from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh
 
 from mim4dd_jax import augment as augment_lib
@@ -84,6 +83,7 @@ from mim4dd_jax import checkpoint as checkpoint_lib
 from mim4dd_jax import config as config_lib
 from mim4dd_jax import data as data_lib
 from mim4dd_jax import evaluate as evaluate_lib
+from mim4dd_jax import experts as experts_lib
 from mim4dd_jax import inner, io, mi, models, objectives, sharding
 from mim4dd_jax.errors import ConfigError, check_choice
 
@@ -459,15 +459,17 @@ def _siamese_blocks(
     syn_x: jax.Array,
     aug_key: jax.Array,
     strategy: str | None,
+    real_chunk: int,
 ) -> tuple[Sequence[jax.Array], Sequence[jax.Array]]:
     """Per-block features of real [C, n, ...] and synthetic [C, ipc, ...] batches (flattened
     class-major) for the MI term: class c of both under the siamese DSA view of
-    ``split(aug_key, C)[c]``, the real batch through ``real_variables`` (no gradient), the
-    synthetic one through ``syn_variables``."""
+    ``split(aug_key, C)[c]``, the real batch through ``real_variables`` (no gradient, in slices
+    of ~real_chunk images, see :func:`real_chunk`), the synthetic one through
+    ``syn_variables``."""
     keys = jax.random.split(aug_key, real_x.shape[0])
     real_a = _augment_classes(keys, lax.stop_gradient(real_x), strategy)
     syn_a = _augment_classes(keys, syn_x, strategy)
-    real_out = model.apply(real_variables, _flat(real_a), train=False, features=True)
+    real_out = objectives.features_in_slices(model, real_variables, real_a, real_chunk)
     syn_out = model.apply(syn_variables, _flat(syn_a), train=False, features=True)
     return real_out.blocks, syn_out.blocks
 
@@ -568,6 +570,10 @@ def make_step(config: Any, dataset: data_lib.Dataset, mesh: Mesh | None = None) 
     syn_classes = objectives.class_labels(num_classes, ipc)
     mesh = sharding.mesh_from_config(config) if mesh is None else mesh
     check_plan(config, num_classes, mesh)
+    # DC's real gradients class by class on CPU (BENCHMARKS.md), one group per device.
+    dc_groups = 0
+    if jax.default_backend() == "cpu":
+        dc_groups = mesh.size if num_classes % mesh.size == 0 else 1
     if method != "mtt":
         # Measured (BENCHMARKS.md): XLA then gathers the real batch and runs DM/DC replicated.
         _warn_uneven("classes", num_classes, mesh, "the step runs replicated, no speed-up")
@@ -649,12 +655,13 @@ def make_step(config: Any, dataset: data_lib.Dataset, mesh: Mesh | None = None) 
             model=model,
             dsa_strategy=strategy,
             state=state,
+            real_groups=dc_groups,
         )
         if not weight:
             return with_mi(base, None, None, (), ())
         # The same views dc_loss matched: class c augmented with split(aug_key, C)[c].
         real_blocks, syn_blocks = _siamese_blocks(
-            model, variables, variables, real_x, syn_x, aug_key, strategy
+            model, variables, variables, real_x, syn_x, aug_key, strategy, chunk
         )
         return with_mi(base, learned, st, real_blocks, syn_blocks)
 
@@ -734,13 +741,13 @@ def _mtt_step(
     devices, so k = device count runs k unrolls in the wall time of one."""
     num_classes, ipc, shape = dataset.num_classes, config.ipc, dataset.image_shape
     m = config.mtt
-    variables = inner.init_variables(model, jax.random.key(0), shape)
-    if set(variables) != {"params"}:
+    collections = jax.eval_shape(lambda: inner.init_variables(model, jax.random.key(0), shape))
+    if set(collections) != {"params"}:
         raise ConfigError(
             f"mtt needs a model without batch statistics; model.norm={config.model.norm!r} has "
-            f"{sorted(set(variables) - {'params'})}; valid: instance, layer, group or none"
+            f"{sorted(set(collections) - {'params'})}; valid: instance, layer, group or none"
         )
-    _, unravel = ravel_pytree(variables["params"])
+    unravel, _ = experts_lib.unravelers(model, shape)
     remat = resolve_remat(m.remat)
     batch_syn = int(m.batch_syn) or num_classes * ipc
     k_pairs = int(m.num_trajectories)
@@ -784,6 +791,7 @@ def _mtt_step(
             images.reshape(num_classes, ipc, *shape),
             aug_key,
             strategy,
+            real_chunk(config),
         )
         total, metrics = with_mi(base, learned, st, real_blocks, syn_blocks)
         return total, {**metrics, "syn_lr": lr}
@@ -838,9 +846,11 @@ def _save_artifacts(
         std=dataset.std,
         zca=np.bool_(dataset.zca is not None),
     )
-    io.save_grid(
-        os.path.join(workdir, f"grid_{iteration:06d}.png"), pixels, labels, dataset.num_classes
-    )
+    # The same picture as grid.png: copy its bytes rather than render it again.
+    with open(os.path.join(workdir, "grid.png"), "rb") as src:
+        png = src.read()
+    with io.atomic_write(os.path.join(workdir, f"grid_{iteration:06d}.png")) as dst:
+        dst.write(png)
 
 
 # Fields that never change the images or the results: they may differ on any rerun.
@@ -926,8 +936,6 @@ class _StopRequest:
 
 
 def _load_experts(config: Any, dataset: data_lib.Dataset) -> Any:
-    from mim4dd_jax import experts as experts_lib
-
     folder = config.mtt.experts_dir
     if not folder:
         raise ConfigError(

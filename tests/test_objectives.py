@@ -169,6 +169,18 @@ def test_dc_loss_vmapped_equals_python_loop(variables, batches):
     np.testing.assert_allclose(float(got), float(loop(params, real, syn, key)), rtol=1e-5)
 
 
+@pytest.mark.parametrize("groups", [1, C])  # C = 3: one group looping 3 classes; 3 groups of 1
+def test_dc_loss_real_gradients_class_by_class_equal_vmapped(variables, batches, groups):
+    real, syn = batches
+    key, params = jax.random.key(12), variables["params"]
+    want, (_, g_want) = _dc(DSA)(params, real, syn, key)
+    fn = functools.partial(obj.dc_loss, model=MODEL, dsa_strategy=DSA, real_groups=groups)
+    got, (g_real, g_got) = jax.jit(jax.value_and_grad(fn, argnums=(1, 2)))(params, real, syn, key)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    np.testing.assert_allclose(g_got, g_want, rtol=1e-4, atol=1e-7)
+    assert float(jnp.max(jnp.abs(g_real))) == 0.0
+
+
 def test_dc_loss_gradient_reaches_syn_only(variables, batches):
     real, syn = batches
     _, (g_real, g_syn) = _dc(DSA)(variables["params"], real, syn, jax.random.key(11))
