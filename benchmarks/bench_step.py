@@ -1,7 +1,7 @@
 """Time, memory and FLOP efficiency of the real distillation steps (``distill.make_step``).
 
-    .venv/bin/python benchmarks/bench_step.py                 # default subset (10 rows): ~1 h on
-                                                              # the shared 2-core box; MTT rows ~8 min
+    .venv/bin/python benchmarks/bench_step.py                 # default subset (12 rows): ~25 min
+                                                              # on 2 idle cores; MTT rows 1-6 min
     .venv/bin/python benchmarks/bench_step.py --methods dm --ipcs 1,10,50 --shapes fmnist,cifar
     .venv/bin/python benchmarks/bench_step.py --methods mtt --syn_steps 10,20,40 --remat on,off
     .venv/bin/python benchmarks/bench_step.py --grid             # the whole grid (hours on 2 cores)
@@ -24,7 +24,8 @@ Per row:
 - img/s: images pushed through the network per step / s (DM: C*(n_real + ipc); DC: the matched real
   and synthetic batches of every outer step plus the inner training epochs; MTT: syn_steps * batch);
 - GFLOP: analytic model FLOPs per step (below); GFLOP/s and "% peak": that rate over the sgemm peak
-  measured in the same child just before (best of 5 jitted float32 2048^3 ``jnp.dot``, 2*n^3 FLOPs);
+  measured in the same child before and after the timed calls (the best of 2 x 5 jitted float32
+  2048^3 ``jnp.dot``, 2*n^3 FLOPs);
 - XLA GFLOP: ``compiled.cost_analysis()["flops"]``. XLA counts a scan/while body ONCE, not once per
   trip, so for MTT (scan over student steps) and DC (scan over outer steps, inner epochs) it is far
   below the work done; for DM (no loop) it should be close to the analytic count.
@@ -161,6 +162,10 @@ def build(spec: dict):
     method, ipc = spec["method"], spec["ipc"]
     config = _load_config(spec["dataset"], f"{method},ipc{ipc}")
     overrides = {"mi.weight": spec["mi"], "conv_impl": spec["conv_impl"]}
+    if spec.get("real_chunk") is not None:
+        overrides["distill.real_chunk"] = spec["real_chunk"]
+    if spec.get("batch_real") is not None:
+        overrides["distill.batch_real"] = spec["batch_real"]
     if method == "mtt":
         overrides.update({"mtt.syn_steps": spec["syn_steps"], "mtt.remat": spec["remat"]})
         if spec.get("batch_syn") is not None:
@@ -200,7 +205,7 @@ def build_net(spec: dict):
 
     def train_step(params, x, y):
         def loss(p):
-            return inner.cross_entropy(model.apply({"params": p}, x), y)
+            return jnp.mean(inner.cross_entropy(model.apply({"params": p}, x), y))
 
         value, grads = jax.value_and_grad(loss)(params)
         return jax.tree.map(lambda p, g: p - 0.01 * g, params, grads), value
@@ -294,6 +299,10 @@ def _result(
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if not times:  # compile only: XLA's memory plan, no run
         return {**out, "rss_peak_mib": rss_peak / 1024, "median_s": None}
+    # The probe again after the timed calls: a neighbour's burst during one short probe would
+    # otherwise understate the peak and overstate "% peak". The best of both is the peak.
+    peak = max(peak, sgemm_peak())
+    out["sgemm_gflops"] = peak / 1e9
     med = statistics.median(times)
     loss = metrics["loss"] if isinstance(metrics, dict) else metrics
     skipped = metrics["skipped"] if isinstance(metrics, dict) else 0
@@ -339,13 +348,14 @@ def _csv(text: str, cast=str) -> list:
 
 
 def default_specs(common: dict) -> list[dict]:
-    """The default subset: FMNIST IPC 10 for DM (also with the hybrid conv) / DSA (one outer step,
-    no inner training) / MTT 20 with and without MI; DM at IPC 1 and 50; MTT remat off at 10
-    steps (20 steps without remat needs ~16 GB here)."""
+    """The default subset: one ConvNet training step; FMNIST IPC 10 for DM (also in one pass,
+    real_chunk 0) / DSA (one outer step, no inner training) / MTT 20 with and without MI; DM at
+    IPC 1 and 50; MTT remat off at 10 steps (20 steps without remat needs ~16 GB here)."""
     base = {**common, "shape": "fmnist"}
     rows = [
+        {"method": "net", "ipc": "-", "mi": "-"},
         {"method": "dm", "ipc": 10, "mi": 0.0},
-        {"method": "dm", "ipc": 10, "mi": 0.0, "conv_impl": "hybrid"},
+        {"method": "dm", "ipc": 10, "mi": 0.0, "real_chunk": 0},
         {"method": "dm", "ipc": 10, "mi": 0.1},
         {"method": "dm", "ipc": 1, "mi": 0.0},
         {"method": "dm", "ipc": 50, "mi": 0.0},
@@ -376,7 +386,10 @@ def grid_specs(args, common: dict) -> list[dict]:
             for steps, remat in itertools.product(_csv(args.syn_steps, int), _csv(args.remat)):
                 specs.append({**row, "syn_steps": steps, "remat": remat})
         else:
-            specs.append(row)
+            chunks = _csv(args.real_chunk, int) if args.real_chunk else [None]
+            batches = _csv(args.batch_real, int) if args.batch_real else [None]
+            for chunk, batch in itertools.product(chunks, batches):
+                specs.append({**row, "real_chunk": chunk, "batch_real": batch})
     return specs
 
 
@@ -388,6 +401,10 @@ def _label(r: dict) -> str:
         extra = f" S{r['syn_steps']} B{r.get('batch_syn', '?')} remat {r['remat']}"
     if r["method"] == "net":
         extra = f" train step B{r['net_batch']}"
+    if r.get("real_chunk") is not None:
+        extra = f" real_chunk {r['real_chunk']}"
+    if r.get("batch_real") is not None:
+        extra += f" batch_real {r['batch_real']}"
     impl = "" if r.get("conv_impl", "auto") == "auto" else f" [{r['conv_impl']}]"
     return f"{r['method']}{extra}{impl}"
 
@@ -441,6 +458,12 @@ def main() -> None:
     )
     p.add_argument("--train_per_class", type=int, default=300)
     p.add_argument("--net_batch", type=int, default=256, help="batch of --methods net")
+    p.add_argument(
+        "--real_chunk", default="", help="DM rows: distill.real_chunk values (default: config's)"
+    )
+    p.add_argument(
+        "--batch_real", default="", help="DM rows: distill.batch_real values (default: config's)"
+    )
     p.add_argument("--conv_impl", default="auto", help="config.conv_impl: auto, im2col, xla, ...")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per row")
     p.add_argument("--title", default="Distillation steps (issue 5)")

@@ -24,7 +24,9 @@ LR = 1e4
 # name: (config argument, number of classes, overrides).
 NO_DSA = {"distill.lr": LR, "distill.dsa": False}
 CASES = {
-    "dm": ("dm,ipc2", 4, {**NO_DSA, "mi.weight": 0.5}),
+    # real_chunk 8: the real side in 3 slices of 2 per class (5 padded to 6), cut inside the
+    # class shards.
+    "dm": ("dm,ipc2", 4, {**NO_DSA, "mi.weight": 0.5, "distill.real_chunk": 8}),
     "dc": ("dc,ipc2", 3, {**NO_DSA, "distill.outer_loop": 1}),
     "mtt": (
         "mtt,ipc2",
