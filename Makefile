@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 export TF_CPP_MIN_LOG_LEVEL := 3
 
-.PHONY: setup data distill test lint format bench clean
+.PHONY: setup data distill test lint format bench device-carry clean
 
 setup: $(VENV)/.installed
 
@@ -47,6 +47,16 @@ test: setup data lint
 
 bench: setup data
 	$(PY) benchmarks/bench_coreset.py
+
+# What a lent GPU machine lacks, for benchmarks/device_suite.sh: the ml-collections wheel
+# (pure Python) in .whl/ and the Fashion-MNIST files in .data/ (both git-ignored; the device
+# tool's `carry`).
+device-carry: setup data
+	rm -rf .whl && mkdir -p .whl .data/fashion-mnist
+	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .whl \
+	  "ml-collections==$$($(PY) -c 'import importlib.metadata as m; print(m.version("ml-collections"))')"
+	cp $(FMNIST_DIR)/*.gz .data/fashion-mnist/
+	@du -sh .whl .data
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -20,7 +20,8 @@ Per row:
 - compile: trace + lower + XLA compile of the step (``step.lower(...).compile()``), seconds;
 - s/iter: median over ``--iters`` timed calls of the compiled step (``block_until_ready``) after
   one warm-up call;
-- peak RSS of the child process; XLA temp: ``compiled.memory_analysis().temp_size_in_bytes``;
+- peak RSS of the child process (on an accelerator also the device's ``peak_bytes_in_use``);
+  XLA temp: ``compiled.memory_analysis().temp_size_in_bytes``;
 - img/s: images pushed through the network per step / s (DM: C*(n_real + ipc); DC: the matched real
   and synthetic batches of every outer step plus the inner training epochs; MTT: syn_steps * batch);
 - GFLOP: analytic model FLOPs per step (below); GFLOP/s and "% peak": that rate over the sgemm peak
@@ -282,6 +283,8 @@ def _result(
     the net step's loss, or None for a compile-only row."""
     import resource
 
+    import jax
+
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     mem = compiled.memory_analysis()
@@ -297,6 +300,10 @@ def _result(
         "images": images,
     }
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # On an accelerator the step's memory is the device's, not the process's RSS.
+    device_stats = jax.local_devices()[0].memory_stats() or {}
+    if device_stats.get("peak_bytes_in_use") is not None:
+        out["device_peak_mib"] = device_stats["peak_bytes_in_use"] / 2**20
     if not times:  # compile only: XLA's memory plan, no run
         return {**out, "rss_peak_mib": rss_peak / 1024, "median_s": None}
     # The probe again after the timed calls: a neighbour's burst during one short probe would
@@ -425,9 +432,12 @@ def row_text(spec: dict, r: dict | str) -> str:
             f"| (compile only) | {r['rss_peak_mib']:.0f} | {r['xla_temp_mib']:.0f} | "
             f"| {r['gflop']:.1f} | {r['xla_gflop']:.1f} | | {r['sgemm_gflops']:.1f} | |"
         )
+    memory = f"{r['rss_peak_mib']:.0f}"
+    if "device_peak_mib" in r:
+        memory += f" (device {r['device_peak_mib']:.0f})"
     return (
         f"| {r['shape']} | {_label(r)} | {r['ipc']} | {r['mi']} | {r['compile_s']:.1f} "
-        f"| {r['median_s']:.3f} | {r['rss_peak_mib']:.0f} | {r['xla_temp_mib']:.0f} "
+        f"| {r['median_s']:.3f} | {memory} | {r['xla_temp_mib']:.0f} "
         f"| {r['img_per_s']:.0f} | {r['gflop']:.1f} | {r['xla_gflop']:.1f} | {r['gflops']:.1f} "
         f"| {r['sgemm_gflops']:.1f} | **{100 * r['frac_peak']:.0f}** |"
     )
