@@ -102,8 +102,9 @@ class InstanceNorm(nn.Module):
     over H and W (biased variance, computed in two passes), then the affine scale and bias [C].
 
     The parameters are those of flax ``GroupNorm(group_size=1)``. The variance is written as a
-    contraction of the centred map with itself: XLA:CPU runs that about 3x faster than the same
-    mean of squares, which it fuses into a slow broadcast-reduce loop (BENCHMARKS.md, DM step).
+    contraction of the centred map with itself, because XLA:CPU fuses the same mean of squares
+    into a slow broadcast-reduce loop: the norm is 1.3-1.6x faster than flax's at DM's batch
+    (benchmarks/bench_norm.py) and, with the sliced real pass, the DM step 1.6x (BENCHMARKS.md).
     HIGHEST precision keeps TF32 out of it on GPU. x: [N, H, W, C] -> [N, H, W, C].
     """
 
