@@ -18,12 +18,15 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import run_child  # noqa: E402
+
 HEADING = "## MI loss scaling (issue 3)"
 
 
@@ -80,18 +83,9 @@ def _child_main(argv: list[str]) -> None:
 
 
 def _run_one(ns: int, nr: int, chunk: int, reps: int, dim: int, timeout: float) -> dict | str:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    cmd = [sys.executable, __file__, "--child", str(ns), str(nr), str(chunk), str(reps), str(dim)]
-    try:
-        out = subprocess.run(
-            cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
-        )
-    except subprocess.TimeoutExpired:
-        return f"timed out after {timeout:.0f} s"
-    if out.returncode != 0:
-        last = (out.stderr.strip().splitlines() or ["?"])[-1]
-        return f"failed (rc {out.returncode}): {last[:80]}"
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    args = ["--child", str(ns), str(nr), str(chunk), str(reps), str(dim)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return run_child(__file__, args, timeout=timeout, env=env)
 
 
 def _cpu_model() -> str:

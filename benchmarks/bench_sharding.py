@@ -22,12 +22,13 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from benchmarks.common import run_child  # noqa: E402
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _BYTES = {"f32": 4, "s32": 4, "u32": 4, "pred": 1, "f16": 2, "bf16": 2, "s64": 8, "f64": 8}
@@ -110,15 +111,11 @@ def child(spec: dict) -> dict:
     }
 
 
-def run_child(spec: dict) -> dict | str:
+def run_spec(spec: dict) -> dict | str:
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
     env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={spec['devices']}".strip()
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
-    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        return f"failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else '?'}"
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child(__file__, ["--child", json.dumps(spec)], env=env)
 
 
 def describe(found: dict[str, list[int]]) -> str:
@@ -147,7 +144,7 @@ def main() -> None:
         base = None
         for d in (int(x) for x in args.devices.split(",")):
             spec = {"method": method, "devices": d, "iters": args.iters, "classes": args.classes}
-            r = run_child(spec)
+            r = run_spec(spec)
             if isinstance(r, str):
                 rows.append(f"| {method} | {d} | {r} | | | | |")
             else:

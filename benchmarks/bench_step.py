@@ -60,12 +60,13 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from benchmarks.common import run_child  # noqa: E402
 
 SHAPES = {"fmnist": ("fashion_mnist", (28, 28, 1)), "cifar": ("cifar10", (32, 32, 3))}
 
@@ -333,23 +334,6 @@ def _result(
 # ----------------------------------------------------------------------------------------------
 
 
-def run_child(spec: dict, timeout: float) -> dict | str:
-    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
-    try:
-        out = subprocess.run(
-            cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
-        )
-    except subprocess.TimeoutExpired:
-        return f"timed out after {timeout:.0f} s"
-    if out.returncode != 0:
-        lines = out.stderr.strip().splitlines() or ["?"]
-        killed = " (killed: out of memory?)" if out.returncode in (-9, 137) else ""
-        return f"failed (rc {out.returncode}){killed}: {lines[-1][:120]}"
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def _csv(text: str, cast=str) -> list:
     return [cast(t) for t in text.split(",") if t.strip()]
 
@@ -495,7 +479,7 @@ def main() -> None:
     print(HEADER, flush=True)
     lines = []
     for spec in specs:
-        res = run_child(spec, args.timeout)
+        res = run_child(__file__, ["--child", json.dumps(spec)], timeout=args.timeout)
         lines.append(row_text(spec, res))
         print(lines[-1], flush=True)
     body = (

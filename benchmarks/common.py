@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
+import subprocess
 import sys
 
 import numpy as np
@@ -50,6 +52,30 @@ def append_lines(text: str) -> None:
     with open(BENCHMARKS_MD, "a") as f:
         f.write(text + "\n")
     print(text, flush=True)
+
+
+def run_child(
+    script: str, args: list[str], *, timeout: float | None = None, env: dict | None = None
+) -> dict | str:
+    """Runs ``python script *args`` in a fresh process from the repo root (so its peak RSS and
+    XLA flags are its own) and returns the JSON object on the last line of its stdout, or a
+    one-line reason it gave none. env: the child's environment (default: this one);
+    JAX_PLATFORMS defaults to cpu and TF_CPP_MIN_LOG_LEVEL to 3 where it does not set them."""
+    env = dict(os.environ if env is None else env)
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    cmd = [sys.executable, os.path.abspath(script), *args]
+    try:
+        out = subprocess.run(
+            cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return f"timed out after {timeout:.0f} s"
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["?"])[-1]
+        killed = " (killed: out of memory?)" if out.returncode in (-9, 137) else ""
+        return f"failed (rc {out.returncode}){killed}: {last[:120]}"
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def fake_trajectories(config, num_classes: int, shape: tuple[int, ...]) -> np.ndarray:
