@@ -192,24 +192,24 @@ def dc_loss(
     syn_x = _siamese_per_class(keys, syn_x, dsa_strategy, dsa_params)
     grad_fn = jax.grad(lambda p, x, label: _mean_ce(p, state, x, label, model))
 
-    def per_class(label: jax.Array, xr: jax.Array, xs: jax.Array) -> jax.Array:
-        g_real = lax.stop_gradient(grad_fn(params, xr, label))
-        return gradient_distance(g_real, grad_fn(params, xs, label))
+    def class_grads(labels: jax.Array, xs: jax.Array) -> PyTree:  # one class per leading slot
+        return jax.vmap(lambda label, x: grad_fn(params, x, label))(labels, xs)
 
     labels = jnp.arange(num_classes, dtype=jnp.int32)
     if real_groups <= 0 or num_classes % real_groups:
-        return jnp.sum(jax.vmap(per_class)(labels, real_x, syn_x))
+        g_real = class_grads(labels, real_x)
+    else:
 
-    def grouped(a: jax.Array) -> jax.Array:  # [C, ...] -> [g, C / g, ...]
-        return a.reshape(real_groups, num_classes // real_groups, *a.shape[1:])
+        def grouped(a: jax.Array) -> jax.Array:  # [C, ...] -> [g, C / g, ...]
+            return a.reshape(real_groups, num_classes // real_groups, *a.shape[1:])
 
-    def group_grads(group_labels: jax.Array, xs: jax.Array) -> PyTree:
-        return lax.map(lambda lx: grad_fn(params, lx[1], lx[0]), (group_labels, xs))
+        def group_grads(group_labels: jax.Array, xs: jax.Array) -> PyTree:
+            return lax.map(lambda lx: grad_fn(params, lx[1], lx[0]), (group_labels, xs))
 
-    g_real = jax.vmap(group_grads)(grouped(labels), grouped(real_x))
-    g_real = jax.tree.map(lambda g: lax.stop_gradient(g.reshape(-1, *g.shape[2:])), g_real)
-    g_syn = jax.vmap(lambda label, xs: grad_fn(params, xs, label))(labels, syn_x)
-    return jnp.sum(jax.vmap(gradient_distance)(g_real, g_syn))
+        g_real = jax.vmap(group_grads)(grouped(labels), grouped(real_x))
+        g_real = jax.tree.map(lambda g: g.reshape(-1, *g.shape[2:]), g_real)
+    g_real = lax.stop_gradient(g_real)
+    return jnp.sum(jax.vmap(gradient_distance)(g_real, class_grads(labels, syn_x)))
 
 
 # The reference's (outer_loop, inner_loop) per IPC (DatasetCondensation get_loops): per sampled
