@@ -44,6 +44,9 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
         "eval.epochs": 1000,
     },
     "dc": {
+        # The reference's DC starts from Gaussian noise (its --init default, kept by its table
+        # command); DSA and DM start from real images.
+        "distill.init": "noise",
         "distill.iterations": 1000,
         "distill.lr": 0.1,
         "distill.momentum": 0.5,

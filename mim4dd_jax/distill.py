@@ -1006,6 +1006,12 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     def evaluate(iteration: int) -> None:
         if main:
             _save_artifacts(workdir, state, dataset, config, iteration)
+        if (
+            iteration != d.iterations
+            and jax.process_count() == 1
+            and all(iteration in points for points in io.accuracy_history(workdir).values() or [{}])
+        ):
+            return  # a resumed run already evaluated this iteration before it stopped
         # Every process evaluates: the models are spread over the whole mesh.
         results = evaluate_lib.evaluate_from_config(
             eval_key,
@@ -1082,5 +1088,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     checkpoints.close()
     evaluate(d.iterations)
     if main:
+        # "accuracy" (= "final") is the last evaluation, which DC/DSA/DM's code reports; MTT's
+        # code reports the best over its evaluations. Both are recorded, labelled.
+        summary.update(io.final_and_best(io.accuracy_history(workdir)))
+        summary["num_models"] = int(config.eval.num_models)
         io.write_json(os.path.join(workdir, "results.json"), summary)
     return summary

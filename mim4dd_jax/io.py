@@ -228,6 +228,33 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
     return rows
 
 
+def accuracy_history(workdir: str) -> dict[str, dict[int, dict[str, Any]]]:
+    """{model: {iteration: {"mean", "std", "all"}}} from the "accuracy" rows of
+    ``workdir/metrics.jsonl``; the last row per iteration wins, so a resumed run that evaluated
+    an iteration twice counts it once."""
+    curves: dict[str, dict[int, dict[str, Any]]] = {}
+    path = os.path.join(workdir, "metrics.jsonl")
+    for row in read_metrics(path) if os.path.isfile(path) else []:
+        for model, acc in (row.get("accuracy") or {}).items():
+            curves.setdefault(model, {})[int(row["step"])] = dict(acc)
+    return curves
+
+
+def final_and_best(curves: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> dict[str, Any]:
+    """The two accuracies papers report, per model, from :func:`accuracy_history`:
+    ``final`` (the last evaluation) and ``best`` (the evaluation with the highest mean over
+    models, as DC/DSA/DM/MTT's code reports), each ``{"mean", "std", "all", "iteration"}``."""
+    final, best = {}, {}
+    for model, points in curves.items():
+        if not points:
+            continue
+        last = max(points)
+        top = max(sorted(points), key=lambda it: points[it]["mean"])  # earliest of ties
+        final[model] = {**points[last], "iteration": last}
+        best[model] = {**points[top], "iteration": top}
+    return {"final": final, "best": best}
+
+
 def save_accuracy_plot(workdir: str) -> None:
     """Writes ``accuracy.png``: test accuracy (mean ± std over the evaluation models) against
     the iteration, one line per architecture, from the "accuracy" rows of metrics.jsonl (the
@@ -237,15 +264,12 @@ def save_accuracy_plot(workdir: str) -> None:
     matplotlib.use("Agg")  # no display; must precede pyplot
     from matplotlib import pyplot as plt
 
-    curves: dict[str, dict[int, tuple[float, float]]] = {}
-    for row in read_metrics(os.path.join(workdir, "metrics.jsonl")):
-        for model, acc in (row.get("accuracy") or {}).items():
-            curves.setdefault(model, {})[row["step"]] = (acc["mean"], acc["std"])
+    curves = accuracy_history(workdir)
     fig, ax = plt.subplots(figsize=(6, 4))
     for model, points in sorted(curves.items()):
         steps = sorted(points)
-        mean = np.array([points[s][0] for s in steps]) * 100
-        std = np.array([points[s][1] for s in steps]) * 100
+        mean = np.array([points[s]["mean"] for s in steps]) * 100
+        std = np.array([points[s]["std"] for s in steps]) * 100
         ax.errorbar(steps, mean, yerr=std, marker="o", capsize=3, label=model)
     ax.set_xlabel("iteration")
     ax.set_ylabel("test accuracy (%)")

@@ -1,0 +1,633 @@
+"""Runs a study: a grid of ``run.py`` cells x seeds, resumable across sittings and machines.
+
+  python benchmarks/study.py benchmarks/studies/reproduction/study.toml            # run / continue
+  python benchmarks/study.py benchmarks/studies/reproduction/study.toml --only 'dm_*'
+  python benchmarks/study.py benchmarks/studies/reproduction/study.toml --report    # tables only
+  python benchmarks/study.py benchmarks/studies/reproduction/study.toml --list      # the plan
+
+A study file (TOML) declares the grid as data::
+
+    description = "..."
+    config = "configs/fashion_mnist.py"   # default config file of every cell
+    seeds = [0, 1, 2]                     # default seeds (--config.seed) of every cell
+    compare = ["mi.weight"]               # fields whose paired differences are reported
+    [overrides]                           # --config.* overrides of every cell
+    "distill.eval_every" = 250
+
+    [[cells]]                             # one cell ...
+    name = "dm_ipc1"
+    arg = "dm,ipc1"                       # config argument: configs/<file>.py:<arg>
+    seeds = [0]                           # optional, replaces the default
+    published = 70.7                      # optional: the published accuracy (%) ...
+    published_note = "DM, ConvNet-3"      # ... and what it is (best or final, its protocol)
+    [cells.overrides]
+    "distill.iterations" = 2000
+
+    [[grids]]                             # ... or a cross product of cells
+    name = "screen"
+    arg = "dm,ipc10"
+    [grids.axes]
+    "mi.weight" = [0.0, 0.1]
+    "mi.head" = ["linear", "none"]
+
+Each (cell, seed) is one ``run.py`` process with its workdir in
+``runs/study/<study>/<cell>/seed<k>``. The runner
+
+- skips a seed whose results are committed in
+  ``benchmarks/studies/<study>/results/<cell>/seed<k>.json`` (so a fresh clone continues where
+  the last sitting stopped), and collects one whose workdir finished but was never collected;
+- resumes an interrupted seed from its checkpoints (run.py resumes from its workdir); the child
+  gets SIGTERM when the runner dies (``kill -9`` included), so it checkpoints and stops, and a
+  rerun loses at most one ``distill.checkpoint_every`` interval;
+- writes ``runs/study/<study>/table.md`` and ``table.csv`` (per cell: final and best accuracy
+  mean ± std over seeds, each seed being its mean over the evaluation models; seeds, models,
+  iterations, s/iter, peak RSS, wall time; the published number and the difference),
+  ``accuracy.png`` (mean ± std band over seeds against the iteration) and the paired
+  differences of every two cells that differ only in one ``compare`` field (mean, standard
+  error and the 95% t-interval over the shared seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import fnmatch
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import product
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `python benchmarks/study.py` puts benchmarks/, not the root, first
+    sys.path.insert(0, ROOT)
+
+from mim4dd_jax import io  # noqa: E402  (after the sys.path fix)
+
+RESULT_VERSION = 1
+
+
+class StudyError(ValueError):
+    """A mistake in a study file or the command line (printed as one line, exit 2)."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid point: a config argument plus overrides, run for each seed."""
+
+    name: str
+    config: str
+    arg: str
+    overrides: Mapping[str, Any]
+    seeds: tuple[int, ...]
+    published: float | None = None
+    published_note: str = ""
+
+    def key(self) -> tuple:
+        """What two cells must share to be compared (all but their differing field)."""
+        return (self.config, self.arg)
+
+
+@dataclass
+class Study:
+    name: str
+    path: str
+    description: str
+    cells: list[Cell]
+    compare: tuple[str, ...]
+    results_dir: str
+    runs_dir: str
+    extra: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------ study files
+
+
+def _value_name(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in str(text))
+
+
+def load_study(path: str, runs_root: str | None = None) -> Study:
+    """Parses a study file into cells; StudyError names the first problem."""
+    if not os.path.isfile(path):
+        raise StudyError(f"study file {path!r} does not exist")
+    try:
+        with open(path, "rb") as f:
+            spec = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise StudyError(f"study file {path!r} is not valid TOML: {e}") from None
+    known = {"description", "config", "seeds", "compare", "overrides", "cells", "grids", "name"}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise StudyError(f"study file {path!r}: unknown key {unknown[0]!r}; valid: {sorted(known)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    name = spec.get("name") or os.path.basename(folder)
+    default_config = spec.get("config", "configs/fashion_mnist.py")
+    default_seeds = tuple(spec.get("seeds", [0]))
+    common = dict(spec.get("overrides", {}))
+    cells: list[Cell] = []
+
+    def add(entry: Mapping[str, Any], cell_name: str, extra: Mapping[str, Any]) -> None:
+        if "arg" not in entry:
+            raise StudyError(f"study file {path!r}: cell {cell_name!r} has no 'arg'")
+        seeds = tuple(int(s) for s in entry.get("seeds", default_seeds))
+        if not seeds:
+            raise StudyError(f"study file {path!r}: cell {cell_name!r} has no seeds")
+        cells.append(
+            Cell(
+                name=cell_name,
+                config=entry.get("config", default_config),
+                arg=entry["arg"],
+                overrides={**common, **entry.get("overrides", {}), **extra},
+                seeds=seeds,
+                published=entry.get("published"),
+                published_note=entry.get("published_note", ""),
+            )
+        )
+
+    for entry in spec.get("cells", []):
+        add(entry, entry.get("name") or _value_name(entry.get("arg", "")), {})
+    for grid in spec.get("grids", []):
+        axes = dict(grid.get("axes", {}))
+        if not axes or not all(isinstance(v, list) and v for v in axes.values()):
+            raise StudyError(f"study file {path!r}: grid {grid.get('name')!r} needs list axes")
+        for values in product(*axes.values()):
+            point = dict(zip(axes, values, strict=True))
+            suffix = ",".join(f"{k}={_value_name(v)}" for k, v in point.items())
+            add(grid, f"{grid.get('name', 'grid')}[{suffix}]", point)
+    names = [c.name for c in cells]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        raise StudyError(f"study file {path!r}: two cells are named {duplicate!r}")
+    if not cells:
+        raise StudyError(f"study file {path!r} declares no cells ([[cells]] or [[grids]])")
+    runs_root = runs_root or os.path.join(ROOT, "runs", "study")
+    return Study(
+        name=name,
+        path=path,
+        description=spec.get("description", ""),
+        cells=cells,
+        compare=tuple(spec.get("compare", ())),
+        results_dir=os.path.join(folder, "results"),
+        runs_dir=os.path.join(runs_root, name),
+    )
+
+
+def select(cells: Sequence[Cell], patterns: Sequence[str]) -> list[Cell]:
+    """The cells whose name matches any glob in ``patterns`` (all when empty)."""
+    if not patterns:
+        return list(cells)
+    chosen = [c for c in cells if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]
+    if not chosen:
+        raise StudyError(
+            f"--only {','.join(patterns)!r} matches no cell; cells: {', '.join(c.name for c in cells)}"
+        )
+    return chosen
+
+
+# ------------------------------------------------------------------------------ running
+
+
+def flag_value(value: Any) -> str:
+    """A config value as ml_collections' ``--config.x=...`` parser reads it."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return repr(tuple(value))
+    return str(value)
+
+
+def command(cell: Cell, seed: int, workdir: str) -> list[str]:
+    """The ``run.py`` argv of one (cell, seed)."""
+    args = [
+        sys.executable,
+        os.path.join(ROOT, "run.py"),
+        f"--config={os.path.join(ROOT, cell.config)}:{cell.arg}",
+        f"--workdir={workdir}",
+        f"--config.seed={seed}",
+    ]
+    args += [f"--config.{k}={flag_value(v)}" for k, v in cell.overrides.items()]
+    return args
+
+
+def _die_with_parent() -> None:
+    # The child gets SIGTERM (checkpoint, then stop) when the runner dies, even by SIGKILL,
+    # so a rerun never finds a second writer in the workdir.
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def result_path(study: Study, cell: Cell, seed: int) -> str:
+    return os.path.join(study.results_dir, cell.name, f"seed{seed}.json")
+
+
+def workdir_of(study: Study, cell: Cell, seed: int) -> str:
+    return os.path.join(study.runs_dir, cell.name, f"seed{seed}")
+
+
+def _runner_record(workdir: str) -> dict[str, Any]:
+    path = os.path.join(workdir, "study_runner.json")
+    if not os.path.isfile(path):
+        return {"wall_s": 0.0, "sittings": 0}
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_seed(study: Study, cell: Cell, seed: int, *, quiet: bool = False) -> int:
+    """Runs (or resumes) one seed in its workdir; returns run.py's exit code."""
+    workdir = workdir_of(study, cell, seed)
+    os.makedirs(os.path.dirname(workdir), exist_ok=True)
+    argv = command(cell, seed, workdir)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    print(f"[{study.name}] {cell.name} seed {seed}: {' '.join(argv[1:])}", flush=True)
+    start = time.time()
+    log_path = workdir + ".log"
+    with open(log_path, "a") as log:
+        child = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.DEVNULL if quiet else log,
+            preexec_fn=_die_with_parent,
+        )
+        try:
+            code = child.wait()
+        except KeyboardInterrupt:
+            child.send_signal(signal.SIGTERM)
+            code = child.wait()
+            raise
+        finally:
+            if os.path.isdir(workdir):
+                record = _runner_record(workdir)
+                record["wall_s"] += time.time() - start
+                record["sittings"] += 1
+                io.write_json(os.path.join(workdir, "study_runner.json"), record)
+    return code
+
+
+# ------------------------------------------------------------------------------ collecting
+
+
+def collect(study: Study, cell: Cell, seed: int) -> dict[str, Any]:
+    """The small, committed record of one finished seed, from its workdir."""
+    workdir = workdir_of(study, cell, seed)
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    history = io.accuracy_history(workdir)
+    rows = io.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    timed = [r["s_per_iter"] for r in rows if "s_per_iter" in r]
+    rss = [r["peak_rss_bytes"] for r in rows if r.get("peak_rss_bytes")]
+    config_path = os.path.join(workdir, "config.json")
+    config = None
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            config = json.load(f)
+    scalars = {k: v for k, v in (rows[-1] if rows else {}).items() if k not in ("accuracy",)}
+    record = {
+        "version": RESULT_VERSION,
+        "study": study.name,
+        "cell": cell.name,
+        "seed": seed,
+        "config_file": cell.config,
+        "arg": cell.arg,
+        "overrides": dict(cell.overrides),
+        "iterations": int(results.get("iteration", 0)),
+        "evaluations": {
+            model: [{"iteration": it, **points[it]} for it in sorted(points)]
+            for model, points in history.items()
+        },
+        **io.final_and_best(history),
+        "num_models": _num_models(history),
+        # The first log window includes compilation: the median ignores it.
+        "s_per_iter": float(_median(timed[1:] or timed)) if timed else None,
+        "peak_rss_bytes": max(rss) if rss else None,
+        "wall_s": _runner_record(workdir)["wall_s"] or None,
+        "last_metrics": scalars,
+        "results": results,
+        "config": config,
+    }
+    io.write_json(result_path(study, cell, seed), record, indent=1, sort_keys=True)
+    return record
+
+
+def _num_models(history: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> int:
+    """The number of models in the last evaluation of the first architecture."""
+    for points in history.values():
+        if points:
+            return len(points[max(points)]["all"])
+    return 0
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+
+
+def load_results(study: Study) -> dict[tuple[str, int], dict[str, Any]]:
+    """{(cell, seed): record} of every committed result of the study's cells."""
+    out = {}
+    for cell in study.cells:
+        for seed in cell.seeds:
+            path = result_path(study, cell, seed)
+            if os.path.isfile(path):
+                with open(path) as f:
+                    out[(cell.name, seed)] = json.load(f)
+    return out
+
+
+def run_study(
+    study: Study, cells: Iterable[Cell], *, quiet: bool = False, max_runs: int | None = None
+) -> list[str]:
+    """Runs every unfinished (cell, seed) of ``cells``, seed-major (every cell's first seed,
+    then every cell's second, ...: a whole table early, more seeds later); returns the
+    failures."""
+    failures, runs = [], 0
+    cells = list(cells)
+    order = sorted(
+        ((i, j, cell, seed) for j, cell in enumerate(cells) for i, seed in enumerate(cell.seeds)),
+        key=lambda t: (t[0], t[1]),
+    )
+    for _, _, cell, seed in order:
+        if os.path.isfile(result_path(study, cell, seed)):
+            continue
+        finished = os.path.join(workdir_of(study, cell, seed), "results.json")
+        if not os.path.isfile(finished):
+            if max_runs is not None and runs >= max_runs:
+                return failures
+            runs += 1
+            code = run_seed(study, cell, seed, quiet=quiet)
+            if code != 0 or not os.path.isfile(finished):
+                failures.append(f"{cell.name} seed {seed}: run.py exited {code}")
+                print(f"[{study.name}] FAILED {failures[-1]}", flush=True)
+                if code in (-signal.SIGTERM, 128 + signal.SIGTERM, -signal.SIGINT, 130):
+                    return failures  # stopped from outside: stop the study too
+                continue
+        collect(study, cell, seed)
+        print(f"[{study.name}] {cell.name} seed {seed}: collected", flush=True)
+    return failures
+
+
+# ------------------------------------------------------------------------------ reporting
+
+
+def seed_accuracy(record: Mapping[str, Any], which: str, model: str) -> float | None:
+    """A seed's accuracy (%): the mean over its evaluation models of its final/best evaluation."""
+    entry = record.get(which, {}).get(model)
+    return None if entry is None else 100.0 * float(entry["mean"])
+
+
+def summary_frame(study: Study, results: Mapping[tuple[str, int], Mapping[str, Any]]):
+    """A pandas DataFrame, one row per (cell, evaluation model)."""
+    import numpy as np
+    import pandas as pd
+
+    rows = []
+    for cell in study.cells:
+        records = [results[(cell.name, s)] for s in cell.seeds if (cell.name, s) in results]
+        models = sorted({m for r in records for m in r.get("final", {})}) or ["-"]
+        for model in models:
+            row: dict[str, Any] = {
+                "cell": cell.name,
+                "arg": cell.arg,
+                "model": model,
+                "seeds": f"{len(records)}/{len(cell.seeds)}",
+            }
+            for which in ("final", "best"):
+                accs = [seed_accuracy(r, which, model) for r in records]
+                accs = np.array([a for a in accs if a is not None])
+                row[f"{which}_mean"] = accs.mean() if accs.size else math.nan
+                row[f"{which}_std"] = accs.std(ddof=1) if accs.size > 1 else math.nan
+            row["models"] = ",".join(sorted({str(r.get("num_models")) for r in records})) or "-"
+            iters = sorted({int(r.get("iterations", 0)) for r in records})
+            row["iterations"] = ",".join(map(str, iters)) or "-"
+            for key, scale in (("s_per_iter", 1.0), ("peak_rss_bytes", 2.0**-30)):
+                vals = [r[key] * scale for r in records if r.get(key) is not None]
+                row[key if scale == 1 else "peak_rss_gib"] = np.mean(vals) if vals else math.nan
+            walls = [r["wall_s"] / 60 for r in records if r.get("wall_s")]
+            row["wall_min"] = np.mean(walls) if walls else math.nan
+            row["published"] = cell.published if cell.published is not None else math.nan
+            row["final_minus_published"] = row["final_mean"] - row["published"]
+            row["best_minus_published"] = row["best_mean"] - row["published"]
+            row["published_note"] = cell.published_note
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def differing_field(a: Cell, b: Cell) -> str | None:
+    """The one override in which two cells of the same config and arg differ, else None."""
+    if a.key() != b.key():
+        return None
+    keys = set(a.overrides) | set(b.overrides)
+    diff = [k for k in sorted(keys) if a.overrides.get(k) != b.overrides.get(k)]
+    return diff[0] if len(diff) == 1 else None
+
+
+def paired_differences(study: Study, results: Mapping[tuple[str, int], Mapping[str, Any]]):
+    """A DataFrame of b - a over the shared seeds for every pair of cells that differ only in
+    one of ``study.compare``: mean, standard error, 95% t-interval (scipy), per model and for
+    both the final and the best evaluation."""
+    import numpy as np
+    import pandas as pd
+    from scipy import stats
+
+    rows = []
+    for i, a in enumerate(study.cells):
+        for b in study.cells[i + 1 :]:
+            name = differing_field(a, b)
+            if name is None or name not in study.compare:
+                continue
+            seeds = [s for s in a.seeds if (a.name, s) in results and (b.name, s) in results]
+            if not seeds:
+                continue
+            models = set(results[(a.name, seeds[0])].get("final", {}))
+            for model in sorted(models):
+                for which in ("final", "best"):
+                    xa = np.array(
+                        [seed_accuracy(results[(a.name, s)], which, model) for s in seeds]
+                    )
+                    xb = np.array(
+                        [seed_accuracy(results[(b.name, s)], which, model) for s in seeds]
+                    )
+                    d = xb - xa
+                    lo = hi = se = math.nan
+                    if len(d) > 1:
+                        se = float(stats.sem(d))
+                        if se > 0:
+                            ci = stats.ttest_rel(xb, xa).confidence_interval(0.95)
+                            lo, hi = float(ci.low), float(ci.high)
+                        else:
+                            lo = hi = float(d.mean())
+                    rows.append(
+                        {
+                            "field": name,
+                            "a": f"{a.name} ({name}={a.overrides.get(name)})",
+                            "b": f"{b.name} ({name}={b.overrides.get(name)})",
+                            "model": model,
+                            "which": which,
+                            "seeds": len(d),
+                            "mean_diff": float(d.mean()),
+                            "se": se,
+                            "ci95_low": lo,
+                            "ci95_high": hi,
+                        }
+                    )
+    return pd.DataFrame(rows)
+
+
+def _pm(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def _num(value: float, fmt: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt % value
+
+
+def markdown(study: Study, table, diffs) -> str:
+    """The study's tables as markdown (accuracies in %)."""
+    lines = [f"# Study `{study.name}`", ""]
+    if study.description:
+        lines += [study.description.strip(), ""]
+    lines += [
+        "Accuracy (%) over seeds (each seed = the mean over its evaluation models); "
+        "final = last evaluation, best = best evaluation over the run.",
+        "",
+        "| cell | arg | model | seeds | models/seed | iterations | final | best | published "
+        "| final − pub | best − pub | s/iter | peak RSS GiB | wall min/seed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in table.to_dict("records"):
+        lines.append(
+            f"| {r['cell']} | {r['arg']} | {r['model']} | {r['seeds']} | {r['models']} | "
+            f"{r['iterations']} | {_pm(r['final_mean'], r['final_std'])} | "
+            f"{_pm(r['best_mean'], r['best_std'])} | {_num(r['published'], '%.1f')} | "
+            f"{_num(r['final_minus_published'], '%+.2f')} | "
+            f"{_num(r['best_minus_published'], '%+.2f')} | {_num(r['s_per_iter'], '%.3f')} | "
+            f"{_num(r['peak_rss_gib'], '%.2f')} | {_num(r['wall_min'], '%.1f')} |"
+        )
+    if len(diffs):
+        lines += [
+            "",
+            "Paired differences b − a (accuracy points) over the shared seeds, 95% t-interval:",
+            "",
+            "| field | a | b | model | eval | seeds | mean | SE | 95% CI |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in diffs.to_dict("records"):
+            ci = (
+                "-"
+                if math.isnan(r["ci95_low"])
+                else f"[{r['ci95_low']:+.2f}, {r['ci95_high']:+.2f}]"
+            )
+            lines.append(
+                f"| {r['field']} | {r['a']} | {r['b']} | {r['model']} | {r['which']} | "
+                f"{r['seeds']} | {r['mean_diff']:+.2f} | {_num(r['se'], '%.2f')} | {ci} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(study: Study, results: Mapping[tuple[str, int], Mapping[str, Any]], path: str) -> None:
+    """Accuracy against iteration: one line per cell (first evaluation model), ± std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import numpy as np
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for cell in study.cells:
+        records = [results[(cell.name, s)] for s in cell.seeds if (cell.name, s) in results]
+        curves = []
+        for r in records:
+            evals = r.get("evaluations", {})
+            if evals:
+                model = sorted(evals)[0]
+                curves.append({e["iteration"]: 100 * e["mean"] for e in evals[model]})
+        if not curves:
+            continue
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        if not steps:
+            continue
+        acc = np.array([[c[s] for s in steps] for c in curves])
+        mean, std = acc.mean(0), acc.std(0)
+        (line,) = ax.plot(steps, mean, marker="o", ms=3, label=f"{cell.name} (n={len(curves)})")
+        if len(curves) > 1:
+            ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(study.name)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7)
+    with io.atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def report(study: Study) -> str:
+    """Writes table.md, table.csv, paired.csv and accuracy.png under the study's runs folder;
+    returns the markdown."""
+    results = load_results(study)
+    table = summary_frame(study, results)
+    diffs = paired_differences(study, results)
+    os.makedirs(study.runs_dir, exist_ok=True)
+    text = markdown(study, table, diffs)
+    with io.atomic_write(os.path.join(study.runs_dir, "table.md"), "w") as f:
+        f.write(text)
+    with io.atomic_write(os.path.join(study.runs_dir, "table.csv"), "w") as f:
+        table.to_csv(f, index=False)
+    with io.atomic_write(os.path.join(study.runs_dir, "paired.csv"), "w") as f:
+        diffs.to_csv(f, index=False)
+    plot(study, results, os.path.join(study.runs_dir, "accuracy.png"))
+    return text
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("study", help="a study file (TOML)")
+    parser.add_argument("--only", default="", help="comma-separated globs of cell names")
+    parser.add_argument("--report", action="store_true", help="only write the tables")
+    parser.add_argument("--list", action="store_true", help="print the plan and what is done")
+    parser.add_argument("--runs_root", default=None, help="default: runs/study")
+    parser.add_argument("--max_runs", type=int, default=None, help="stop after N run.py runs")
+    parser.add_argument("--quiet", action="store_true", help="run.py's stderr to /dev/null")
+    args = parser.parse_args(argv)
+    try:
+        study = load_study(args.study, args.runs_root)
+        cells = select(study.cells, [p for p in args.only.split(",") if p])
+    except StudyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.list:
+        for cell in cells:
+            for seed in cell.seeds:
+                done = os.path.isfile(result_path(study, cell, seed))
+                state = "done" if done else "todo"
+                print(f"{state}  {cell.name} seed {seed}: {' '.join(command(cell, seed, '…')[2:])}")
+        return 0
+    failures = (
+        [] if args.report else run_study(study, cells, quiet=args.quiet, max_runs=args.max_runs)
+    )
+    print(report(study))
+    print(f"[{study.name}] tables: {os.path.relpath(study.runs_dir, ROOT)}/", flush=True)
+    for failure in failures:
+        print(f"failed: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
