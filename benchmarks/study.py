@@ -297,6 +297,7 @@ def collect(study: Study, cell: Cell, seed: int) -> dict[str, Any]:
         "study": study.name,
         "cell": cell.name,
         "seed": seed,
+        "commit": _commit(),
         "config_file": cell.config,
         "arg": cell.arg,
         "overrides": dict(cell.overrides),
@@ -317,6 +318,23 @@ def collect(study: Study, cell: Cell, seed: int) -> dict[str, Any]:
     }
     io.write_json(result_path(study, cell, seed), record, indent=1, sort_keys=True)
     return record
+
+
+def _commit() -> str | None:
+    """The commit of the tree the runner runs from (plus "+dirty" if it has changes)."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def _num_models(history: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> int:
