@@ -50,7 +50,6 @@ Each (cell, seed) is one ``run.py`` process with its workdir in
 from __future__ import annotations
 
 import argparse
-import ctypes
 import fnmatch
 import json
 import math
@@ -110,9 +109,13 @@ class Study:
 # ------------------------------------------------------------------------------ study files
 
 
+# Cell names become folder names (workdirs, results): no glob characters, which break orbax.
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-=,+")
+
+
 def _value_name(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value)
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in str(text))
+    return "".join(c if c in _NAME_CHARS and c not in "=," else "_" for c in str(text))
 
 
 def load_study(path: str, runs_root: str | None = None) -> Study:
@@ -162,8 +165,13 @@ def load_study(path: str, runs_root: str | None = None) -> Study:
         for values in product(*axes.values()):
             point = dict(zip(axes, values, strict=True))
             suffix = ",".join(f"{k}={_value_name(v)}" for k, v in point.items())
-            add(grid, f"{grid.get('name', 'grid')}[{suffix}]", point)
+            add(grid, f"{grid.get('name', 'grid')}-{suffix}", point)
     names = [c.name for c in cells]
+    bad = next((n for n in names if not n or set(n) - _NAME_CHARS), None)
+    if bad is not None:
+        raise StudyError(
+            f"study file {path!r}: cell name {bad!r} may use only letters, digits and . _ - = , +"
+        )
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
         raise StudyError(f"study file {path!r}: two cells are named {duplicate!r}")
@@ -218,11 +226,16 @@ def command(cell: Cell, seed: int, workdir: str) -> list[str]:
     return args
 
 
-def _die_with_parent() -> None:
-    # The child gets SIGTERM (checkpoint, then stop) when the runner dies, even by SIGKILL,
-    # so a rerun never finds a second writer in the workdir.
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+# Runs argv[2:] after asking Linux to send it SIGTERM when this runner dies (PR_SET_PDEATHSIG,
+# kept across exec), even by SIGKILL: the child then checkpoints and stops, so a rerun never
+# finds a second writer in the workdir. A wrapper, not preexec_fn, which is unsafe in a
+# multithreaded parent (JAX's, in the tests).
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys; "
+    "ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
+    "os.getppid() == int(sys.argv[1]) or sys.exit(143); "
+    "os.execv(sys.argv[2], sys.argv[2:])"
+)
 
 
 def result_path(study: Study, cell: Cell, seed: int) -> str:
@@ -250,14 +263,18 @@ def run_seed(study: Study, cell: Cell, seed: int, *, quiet: bool = False) -> int
     print(f"[{study.name}] {cell.name} seed {seed}: {' '.join(argv[1:])}", flush=True)
     start = time.time()
     log_path = workdir + ".log"
+    if os.path.isdir(workdir):  # counted at the start: a SIGKILLed sitting counts too
+        record = _runner_record(workdir)
+        record["sittings"] += 1
+        io.write_json(os.path.join(workdir, "study_runner.json"), record)
+    first = not os.path.isdir(workdir)
     with open(log_path, "a") as log:
         child = subprocess.Popen(
-            argv,
+            [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv],
             cwd=ROOT,
             env=env,
             stdout=log,
             stderr=subprocess.DEVNULL if quiet else log,
-            preexec_fn=_die_with_parent,
         )
         try:
             code = child.wait()
@@ -266,10 +283,11 @@ def run_seed(study: Study, cell: Cell, seed: int, *, quiet: bool = False) -> int
             code = child.wait()
             raise
         finally:
+            # The wall time of a sitting is added when it ends (a SIGKILLed one adds none).
             if os.path.isdir(workdir):
                 record = _runner_record(workdir)
                 record["wall_s"] += time.time() - start
-                record["sittings"] += 1
+                record["sittings"] += int(first)
                 io.write_json(os.path.join(workdir, "study_runner.json"), record)
     return code
 
@@ -316,6 +334,7 @@ def collect(study: Study, cell: Cell, seed: int) -> dict[str, Any]:
         "results": results,
         "config": config,
     }
+    os.makedirs(os.path.dirname(result_path(study, cell, seed)), exist_ok=True)
     io.write_json(result_path(study, cell, seed), record, indent=1, sort_keys=True)
     return record
 

@@ -41,12 +41,23 @@ def _umask() -> int:
     return mask
 
 
+_GLOB_CHARS = "*?[]"
+
+
 def check_workdir(workdir: str) -> str:
     """The absolute ``workdir``, checked without creating anything: ConfigError if it is a file
     or if it (or the folder it would be created in) is not writable."""
     if not workdir:
         raise ConfigError("--workdir is required (a folder for checkpoints, results and logs)")
     workdir = os.path.abspath(os.path.expanduser(workdir))
+    bad = sorted(set(workdir) & set(_GLOB_CHARS))
+    if bad:
+        # orbax finds a checkpoint's per-process parts with glob: under such a path it writes
+        # checkpoints it cannot read back, and a resumed run would silently start over.
+        raise ConfigError(
+            f"workdir {workdir!r} contains {' '.join(bad)}; checkpoints cannot be read back "
+            f"from a path with any of {' '.join(_GLOB_CHARS)}: choose another --workdir"
+        )
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"workdir {workdir!r} is a file, not a folder")
     existing = workdir

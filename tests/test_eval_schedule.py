@@ -1,0 +1,98 @@
+"""The evaluation schedule of a distillation run: the initial set is evaluated (iteration 0),
+results.json labels the final and the best evaluation, accuracy.png starts at 0, and a resumed
+run does not evaluate again an iteration it has already logged."""
+
+import json
+
+import numpy as np
+import pytest
+from helpers import fake_dataset, tiny_config
+
+from mim4dd_jax import distill, evaluate, io
+
+C, HW = 3, 8
+
+
+@pytest.fixture(scope="module")
+def npz_path(tmp_path_factory):
+    ds = fake_dataset(C, 12, HW)
+    x = np.clip((ds.train_images + 1) * 50, 0, 255).astype(np.uint8)
+    path = tmp_path_factory.mktemp("data") / "fake.npz"
+    np.savez(path, x_train=x, y_train=ds.train_labels, x_test=x, y_test=ds.train_labels)
+    return str(path)
+
+
+def config_for(npz_path, **overrides):
+    fields = {
+        "data.source": "npz",
+        "data.path": npz_path,
+        "distill.iterations": 3,
+        "distill.eval_every": 2,
+        "distill.checkpoint_every": 1,
+        "eval.epochs": 1,
+        "eval.num_models": 2,
+        "eval.dsa": False,
+        **overrides,
+    }
+    return tiny_config("dm,ipc1", **fields)
+
+
+def test_iteration_zero_is_evaluated_plotted_and_final_and_best_are_labelled(
+    npz_path, tmp_path, monkeypatch
+):
+    plotted = []
+    import matplotlib.axes
+
+    real_errorbar = matplotlib.axes.Axes.errorbar
+
+    def spy(self, x, y, *args, **kwargs):
+        plotted.append(list(x))
+        return real_errorbar(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", spy)
+    workdir = tmp_path / "run"
+    summary = distill.run(config_for(npz_path), str(workdir))
+
+    history = io.accuracy_history(str(workdir))
+    assert sorted(history["convnet"]) == [0, 2, 3]
+    assert plotted[-1] == [0, 2, 3]  # accuracy.png's curve starts at the initial set
+    results = json.loads((workdir / "results.json").read_text())
+    assert results == json.loads(json.dumps(summary))
+    assert results["final"]["convnet"]["iteration"] == 3
+    assert results["final"]["convnet"]["mean"] == results["accuracy"]["convnet"]["mean"]
+    best_it = max(sorted(history["convnet"]), key=lambda it: history["convnet"][it]["mean"])
+    assert results["best"]["convnet"]["iteration"] == best_it
+    assert results["best"]["convnet"]["mean"] == history["convnet"][best_it]["mean"]
+    assert results["num_models"] == 2 and len(results["final"]["convnet"]["all"]) == 2
+
+
+def test_final_and_best_pick_the_last_and_the_highest_evaluation():
+    curves = {
+        "convnet": {
+            0: {"mean": 0.5, "std": 0.0, "all": [0.5]},
+            10: {"mean": 0.8, "std": 0.1, "all": [0.8]},
+            20: {"mean": 0.7, "std": 0.0, "all": [0.7]},
+        }
+    }
+    out = io.final_and_best(curves)
+    assert out["final"]["convnet"] == {"mean": 0.7, "std": 0.0, "all": [0.7], "iteration": 20}
+    assert out["best"]["convnet"] == {"mean": 0.8, "std": 0.1, "all": [0.8], "iteration": 10}
+
+
+def test_a_resumed_run_does_not_evaluate_a_logged_iteration_again(npz_path, tmp_path, monkeypatch):
+    config = config_for(npz_path, **{"distill.iterations": 2, "distill.eval_every": 2})
+    workdir = str(tmp_path / "run")
+    distill.run(config, workdir)  # evaluates 0 and 2
+    calls = []
+    real = evaluate.evaluate_from_config
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill.evaluate_lib, "evaluate_from_config", counting)
+    # Continue the finished run to 4 iterations: it resumes at 2 (evaluated already, at the
+    # end of the first run), so only iteration 4 is evaluated.
+    distill.run(config_for(npz_path, **{"distill.iterations": 4}), workdir)
+    assert len(calls) == 1
+    assert sorted(io.accuracy_history(workdir)["convnet"]) == [0, 2, 4]
