@@ -263,11 +263,11 @@ def run_seed(study: Study, cell: Cell, seed: int, *, quiet: bool = False) -> int
     print(f"[{study.name}] {cell.name} seed {seed}: {' '.join(argv[1:])}", flush=True)
     start = time.time()
     log_path = workdir + ".log"
-    if os.path.isdir(workdir):  # counted at the start: a SIGKILLed sitting counts too
-        record = _runner_record(workdir)
-        record["sittings"] += 1
-        io.write_json(os.path.join(workdir, "study_runner.json"), record)
-    first = not os.path.isdir(workdir)
+    # Counted at the start, so that a SIGKILLed sitting counts too.
+    os.makedirs(workdir, exist_ok=True)
+    record = _runner_record(workdir)
+    record["sittings"] += 1
+    io.write_json(os.path.join(workdir, "study_runner.json"), record)
     with open(log_path, "a") as log:
         child = subprocess.Popen(
             [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv],
@@ -284,11 +284,9 @@ def run_seed(study: Study, cell: Cell, seed: int, *, quiet: bool = False) -> int
             raise
         finally:
             # The wall time of a sitting is added when it ends (a SIGKILLed one adds none).
-            if os.path.isdir(workdir):
-                record = _runner_record(workdir)
-                record["wall_s"] += time.time() - start
-                record["sittings"] += int(first)
-                io.write_json(os.path.join(workdir, "study_runner.json"), record)
+            record = _runner_record(workdir)
+            record["wall_s"] += time.time() - start
+            io.write_json(os.path.join(workdir, "study_runner.json"), record)
     return code
 
 
