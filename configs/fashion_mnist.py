@@ -6,7 +6,8 @@ Run (data comes from Debian's dataset-fashion-mnist folder when present, else tf
   python run.py --config=configs/fashion_mnist.py:herding,ipc1 --workdir=runs/fmnist_herding_ipc1
   python run.py --config=configs/fashion_mnist.py:dm,ipc10 --workdir=runs/fmnist_dm_ipc10
   python run.py --config=configs/fashion_mnist.py:dsa,ipc10 --workdir=runs/fmnist_dsa_ipc10
-  # MTT: train expert trajectories once, then distil against them
+  # MTT: train expert trajectories once (experts.num 10 by default; the MTT reference trains
+  # 100, --config.experts.num=100), then distil against them
   python run.py --config=configs/fashion_mnist.py:experts --workdir=runs/fmnist_experts
   python run.py --config=configs/fashion_mnist.py:mtt,ipc10 \
       --config.mtt.experts_dir=runs/fmnist_experts --workdir=runs/fmnist_mtt_ipc10
@@ -19,7 +20,8 @@ Expected (ConvNet-3; published):
   herding IPC 1/10/50: 67.0 / 71.1 / 71.9   (DC paper)
   dc      IPC 1/10/50: 70.5 / 82.3 / 83.6   (DC paper)
   dsa     IPC 1/10/50: 70.6 / 84.6 / 88.7   (DSA paper; models trained 1000 epochs with DSA)
-  dm, mtt: their papers report no Fashion-MNIST numbers.
+  dm, mtt: their papers report no Fashion-MNIST numbers. State the experts count (experts.num)
+  next to any MTT number: the reference's are from 100 experts, our default is 10.
 Our measured numbers, with commands and machines, are in BENCHMARKS.md.
 
 Run locally: append ",local" (config.LOCAL_BY_MODE: a pipeline smoke test, not a result).

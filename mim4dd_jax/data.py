@@ -9,7 +9,9 @@ Three sources:
 * ``npz``: a local ``.npz`` with ``x_train, y_train, x_test, y_test``.
 
 ``auto`` picks a local folder when one is given or known (the Debian folder for Fashion-MNIST), and
-tfds otherwise. Images are returned NHWC float32, normalised per channel with train-split statistics.
+tfds otherwise. Images are returned NHWC float32, normalised per channel with train-split statistics,
+or, with ZCA, whitened by a ZCA fitted on the [0, 1] pixels of the train split instead (the MTT
+reference's space: its ZCA replaces the per-channel normalisation).
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ class Dataset(NamedTuple):
 
     train_images: [N, H, W, C] float32, train_labels: [N] int32 (same for test).
     mean, std: [C] float32 per-channel statistics of the train split in [0, 1] pixel units.
-    zca: the fitted whitening (or None); images are already whitened when it is set.
+    zca: the whitening fitted on [0, 1] pixels (or None). When it is set the images are
+      ``zca_apply(zca, pixels)``, without the per-channel normalisation (mean/std are then only
+      recorded); otherwise they are ``(pixels - mean) / std``.
     """
 
     name: str
@@ -79,15 +83,15 @@ class Dataset(NamedTuple):
         """Maps model-space images [N, H, W, C] back to [0, 1] pixel space (ZCA inverted)."""
         x = np.asarray(images, np.float32)
         if self.zca is not None:
-            x = np.asarray(zca_inverse(self.zca, jnp.asarray(x)))
+            return np.asarray(zca_inverse(self.zca, jnp.asarray(x)), np.float32)
         return x * self.std + self.mean
 
     def from_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Inverse of :meth:`to_pixels`: [N, H, W, C] pixel space -> model space (float32)."""
-        x = (np.asarray(pixels, np.float32) - self.mean) / self.std
+        x = np.asarray(pixels, np.float32)
         if self.zca is not None:
-            x = np.asarray(zca_apply(self.zca, jnp.asarray(x)))
-        return x.astype(np.float32)
+            return np.asarray(zca_apply(self.zca, jnp.asarray(x)), np.float32)
+        return ((x - self.mean) / self.std).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- IDX / MNIST folder
@@ -170,32 +174,189 @@ def load_npz(path: str) -> RawSplits:
 
 # ----------------------------------------------------------------------------- tfds
 
+# Offline, tfds' downloader retries a request 10 times with exponential back-off (about 3.5
+# minutes) before it fails. So before a download starts, the hosts of the dataset's registered
+# URLs must answer within _TFDS_CONNECT_TIMEOUT_S (DNS and TCP connect together), and a request
+# that fails once the download has started is retried at most _TFDS_MAX_RETRIES times.
+_TFDS_CONNECT_TIMEOUT_S = 10.0
+_TFDS_MAX_RETRIES = 2
+_TFDS_OFFLINE = (
+    "without network, use --config.data.source=npz or mnist_folder with --config.data.path=<a "
+    "local copy>, or --config.data.tfds_data_dir=<a folder holding a prepared copy>"
+)
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ftp": 21}
 
-def _tfds_split(tfds: Any, name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, ...]:
-    source = tfds.data_source(name, split=split, data_dir=data_dir)
-    examples = [source[i] for i in range(len(source))]
-    images = [np.asarray(ex["image"]) for ex in examples]
-    labels = [int(ex["label"]) for ex in examples]
-    x = np.stack(images)
-    return (x if x.ndim == 4 else x[..., None]), np.asarray(labels, np.int64)
+
+class _Unreachable(ConnectionError):
+    """A host that a tfds download needs did not answer."""
+
+
+def _connect(host: str, port: int, timeout: float, errors: list[OSError]) -> None:
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        errors.append(e)
+
+
+def _check_reachable(urls: list[str], timeout: float | None = None) -> None:
+    """Raises ``ConnectionError`` unless a TCP connection opens to the host of every URL (or to the
+    proxy that ``requests`` would use for it) within ``timeout`` seconds in all, DNS included
+    (default ``_TFDS_CONNECT_TIMEOUT_S``)."""
+    import threading
+    import time
+    import urllib.parse
+    import urllib.request
+
+    timeout = _TFDS_CONNECT_TIMEOUT_S if timeout is None else timeout
+    proxies = urllib.request.getproxies()
+    targets: list[tuple[str, int]] = []
+    for url in urls:
+        parts = urllib.parse.urlsplit(url)
+        if not parts.hostname or parts.scheme not in _DEFAULT_PORTS:
+            continue  # e.g. gs:// or a local path: no socket of ours to check
+        target = (parts.hostname, parts.port or _DEFAULT_PORTS[parts.scheme])
+        proxy = proxies.get(parts.scheme)
+        if proxy and not urllib.request.proxy_bypass(parts.hostname):
+            p = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+            target = (p.hostname or "", p.port or _DEFAULT_PORTS.get(p.scheme, 80))
+        if target not in targets:
+            targets.append(target)
+    deadline = time.monotonic() + timeout
+    for host, port in targets:
+        errors: list[OSError] = []
+        left = max(0.0, deadline - time.monotonic())
+        # getaddrinfo has no timeout of its own: wait for the thread, not for the resolver.
+        thread = threading.Thread(target=_connect, args=(host, port, left, errors), daemon=True)
+        thread.start()
+        thread.join(left)
+        if thread.is_alive():
+            raise _Unreachable(f"{host}:{port} did not answer within {timeout:g} s")
+        if errors:
+            raise _Unreachable(f"{host}:{port} is unreachable ({errors[0].strerror or errors[0]})")
+
+
+def _network_errors(tfds: Any) -> tuple[type[BaseException], ...]:
+    """What a failed download raises: ours, the socket's, requests' (http), urllib's (ftp), tfds'."""
+    import socket
+    import urllib.error
+
+    errors = [ConnectionError, TimeoutError, socket.gaierror, urllib.error.URLError]
+    errors.append(tfds.download.DownloadError)
+    try:
+        import requests
+    except ImportError:
+        pass
+    else:
+        errors.append(requests.exceptions.RequestException)
+    return tuple(errors)
+
+
+def _network_cause(error: BaseException) -> str:
+    """The innermost reason of a download error on one line (requests wraps urllib3's error, which
+    holds the socket's)."""
+    import re
+
+    e, seen = error, set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "reason", None)  # urllib3's MaxRetryError, urllib's URLError
+        if not isinstance(inner, BaseException) and e.args and isinstance(e.args[0], BaseException):
+            inner = e.args[0]  # requests' ConnectionError(MaxRetryError(...))
+        if not isinstance(inner, BaseException):
+            break
+        e = inner
+    text = " ".join(str(e).split()) or type(e).__name__
+    # urllib3 starts with the connection: "HTTPSConnection(host='...', port=443): Failed to ...".
+    return re.sub(r"^\w*Connection\w*\(.*?\): ", "", text)
+
+
+def _not_unprepared_warning(record: Any) -> bool:
+    """A logging filter: tfds warns "Variant folder ... has no dataset_info.json" for every dataset
+    not yet downloaded, noise before a download and a second line before a one-line error."""
+    return "has no dataset_info.json" not in record.getMessage()
+
+
+def _download_tfds(tfds: Any, name: str, data_dir: str | None) -> Any:
+    """Downloads and prepares ``name`` (array_record: random access) and returns its builder.
+
+    A download that cannot start or fails raises ConfigError with the cause and the offline
+    alternatives, within about ``_TFDS_CONNECT_TIMEOUT_S`` seconds when the network is down.
+    """
+    from tensorflow_datasets.core.download import downloader
+
+    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+    urls = sorted(builder.url_infos or ())  # the dataset's registered URLs (checksums.tsv)
+    announce = getattr(builder, "_log_download_bytes", None)
+    if announce is not None:
+        # Checked where tfds is about to announce the download: after its "already prepared"
+        # checks, before it prints or writes anything (and never under tfds.testing.mock_data,
+        # which replaces download_and_prepare).
+        def check_then_announce() -> None:
+            _check_reachable(urls)
+            announce()
+
+        builder._log_download_bytes = check_then_announce
+    retries = getattr(downloader, "MAX_RETRIES", None)
+    try:
+        if retries is not None:
+            downloader.MAX_RETRIES = min(retries, _TFDS_MAX_RETRIES)
+        builder.download_and_prepare()
+    except _network_errors(tfds) as e:
+        raise ConfigError(
+            f"cannot download tfds dataset {name!r}: {_network_cause(e)}; {_TFDS_OFFLINE}"
+        ) from None
+    except ModuleNotFoundError as e:
+        if e.name != "tensorflow":
+            raise  # a module our install should bring: a packaging bug, not a user mistake
+        raise ConfigError(
+            f"preparing tfds dataset {name!r} needs TensorFlow: pip install tensorflow-cpu (or "
+            "pip install -e '.[tfds]' in this repository)"
+        ) from None
+    finally:
+        if retries is not None:
+            downloader.MAX_RETRIES = retries
+    return builder
+
+
+def _tfds_split(tfds: Any, builder: Any, split: str) -> tuple[np.ndarray, ...]:
+    if builder.info.file_format in tfds.core.file_adapters.FileFormat.with_random_access():
+        source = builder.as_data_source(split=split)
+        examples = [source[i] for i in range(len(source))]
+        x = np.stack([np.asarray(ex["image"]) for ex in examples])
+        y = np.asarray([int(ex["label"]) for ex in examples], np.int64)
+    else:  # a copy prepared by tfds.load (TFRecord): read through TensorFlow
+        batch = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+        x, y = np.asarray(batch["image"]), np.asarray(batch["label"], np.int64)
+    return (x if x.ndim == 4 else x[..., None]), y
 
 
 def load_tfds(name: str, data_dir: str | None = None) -> RawSplits:
-    """Loads the train and test splits of a tfds image-classification dataset into memory."""
+    """Loads the train and test splits of a tfds image-classification dataset into memory,
+    downloading and preparing it first when ``data_dir`` (default ``~/tensorflow_datasets``) has
+    no prepared copy. A download that fails raises ConfigError within seconds."""
+    import logging
+
     import tensorflow_datasets as tfds  # lazy: local-data runs must not need TensorFlow
 
+    absl_logger = logging.getLogger("absl")  # tfds logs through absl
+    absl_logger.addFilter(_not_unprepared_warning)
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except Exception as e:  # tfds raises DatasetNotFoundError and friends
-        raise ConfigError(f"unknown tfds dataset {name!r}: {str(e).splitlines()[0]}") from None
-    features = builder.info.features
-    if "image" not in features or "label" not in features:
-        raise ConfigError(
-            f"tfds dataset {name!r} has features {list(features)}; need 'image' and 'label'"
-        )
-    return RawSplits(
-        *_tfds_split(tfds, name, "train", data_dir), *_tfds_split(tfds, name, "test", data_dir)
-    )
+        try:
+            builder = tfds.builder(name, data_dir=data_dir)
+        except Exception as e:  # tfds raises DatasetNotFoundError and friends
+            raise ConfigError(f"unknown tfds dataset {name!r}: {str(e).splitlines()[0]}") from None
+        features = builder.info.features
+        if "image" not in features or "label" not in features:
+            raise ConfigError(
+                f"tfds dataset {name!r} has features {list(features)}; need 'image' and 'label'"
+            )
+        if not builder.is_prepared():
+            builder = _download_tfds(tfds, name, data_dir)
+    finally:
+        absl_logger.removeFilter(_not_unprepared_warning)
+    return RawSplits(*_tfds_split(tfds, builder, "train"), *_tfds_split(tfds, builder, "test"))
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -248,8 +409,8 @@ def load_dataset(
     """Loads, optionally subsets, normalises and (optionally) ZCA-whitens a dataset.
 
     ``train_per_class``/``test_per_class`` > 0 keep only the first that many examples per class
-    (for quick runs and tests). ZCA is fitted on the normalised train split and cached in
-    ``cache_dir`` when given.
+    (for quick runs and tests). ZCA (see :func:`whiten`) is fitted on the train split's [0, 1]
+    pixels and cached in ``cache_dir`` when given.
     """
     raw = load_raw(name, source, path, tfds_data_dir)
     x_train, y_train = _subset_per_class(raw.x_train, raw.y_train, train_per_class)
@@ -279,13 +440,20 @@ def load_dataset(
 
 
 def whiten(dataset: Dataset, reg: float = 0.1, cache_dir: str | None = None) -> Dataset:
-    """ZCA-whitens both splits with a fit on the (normalised) train split, cached in cache_dir."""
+    """ZCA-whitens both splits of a normalised dataset, cached in cache_dir.
+
+    As the MTT reference (kornia ``ZCAWhitening(eps=reg)`` on ``ToTensor()`` images, with no
+    per-channel normalisation) the fit and the transform act on [0, 1] pixels, so ``reg`` is in
+    pixel-variance units whatever the dataset's std.
+    """
     if dataset.zca is not None:
         raise ConfigError(f"dataset {dataset.name!r} is already ZCA-whitened")
-    fitted = fit_zca_cached(dataset.train_images, reg, cache_dir)
+    train_pixels = dataset.to_pixels(dataset.train_images)
+    fitted = fit_zca_cached(train_pixels, reg, cache_dir)
+    test_pixels = dataset.to_pixels(dataset.test_images)
     return dataset._replace(
-        train_images=np.asarray(zca_apply(fitted, jnp.asarray(dataset.train_images))),
-        test_images=np.asarray(zca_apply(fitted, jnp.asarray(dataset.test_images))),
+        train_images=np.asarray(zca_apply(fitted, jnp.asarray(train_pixels)), np.float32),
+        test_images=np.asarray(zca_apply(fitted, jnp.asarray(test_pixels)), np.float32),
         zca=fitted,
     )
 
@@ -322,9 +490,14 @@ def whiten_from_config(
 
 # ----------------------------------------------------------------------------- ZCA
 
+# The space Dataset fits its ZCA in; part of the cache key, so a fit in another space (older
+# versions fitted on normalised images) is never read back. Record it wherever a ZCA input space
+# must match (e.g. expert trajectories).
+ZCA_SPACE = "pixels"
+
 
 class ZCA(NamedTuple):
-    """A fitted ZCA whitening on flattened images: D = H*W*C.
+    """A fitted ZCA whitening on flattened images: D = H*W*C (for a Dataset, [0, 1] pixels).
 
     mean: [D], whiten: [D, D], unwhiten: [D, D] (its inverse), reg: the eigenvalue regulariser.
     """
@@ -336,7 +509,9 @@ class ZCA(NamedTuple):
 
 
 def fit_zca(images: np.ndarray, reg: float = 0.1) -> ZCA:
-    """Fits ZCA on [N, H, W, C] images: W = U diag((s + reg)^-1/2) U^T with (U, s) of the covariance."""
+    """Fits ZCA on [N, H, W, C] images: W = U diag((s + reg)^-1/2) U^T with (U, s) of the
+    unbiased (N - 1) covariance; kornia's ``ZCAWhitening(eps=reg)``, which adds eps to the
+    eigenvalues the same way. The whitened covariance has eigenvalues s / (s + reg)."""
     if reg < 0:
         raise ConfigError(f"data.zca_reg must be >= 0, got {reg}")
     x = np.asarray(images, np.float64).reshape(len(images), -1)
@@ -351,12 +526,14 @@ def fit_zca(images: np.ndarray, reg: float = 0.1) -> ZCA:
 
 
 def fit_zca_cached(images: np.ndarray, reg: float, cache_dir: str | None) -> ZCA:
-    """``fit_zca``, cached in ``cache_dir`` under a hash of the data and ``reg`` (atomic write)."""
+    """``fit_zca``, cached in ``cache_dir`` under a hash of ``ZCA_SPACE``, the data and ``reg``
+    (atomic write); the file is ``zca_<ZCA_SPACE>_<hash>.npz``."""
     if not cache_dir:
         return fit_zca(images, reg)
-    digest = hashlib.sha1(np.ascontiguousarray(images).tobytes())
-    digest.update(repr(reg).encode())
-    path = os.path.join(cache_dir, f"zca_{digest.hexdigest()[:16]}.npz")
+    digest = hashlib.sha1(ZCA_SPACE.encode())
+    digest.update(np.ascontiguousarray(images, np.float32).tobytes())
+    digest.update(repr(float(reg)).encode())
+    path = os.path.join(cache_dir, f"zca_{ZCA_SPACE}_{digest.hexdigest()[:16]}.npz")
     if os.path.exists(path):
         with np.load(path) as f:
             return ZCA(f["mean"], f["whiten"], f["unwhiten"], float(f["reg"]))
