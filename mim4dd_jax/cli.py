@@ -6,9 +6,10 @@ with status 2; nothing is written to the workdir before the config has been chec
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from absl import app, flags, logging
@@ -46,6 +47,16 @@ MODES: dict[str, Callable[[Any, str], Any]] = {
     "distill": _distill,
     "experts": _experts,
 }
+
+
+@contextlib.contextmanager
+def matmul_precision(config: Any) -> Iterator[None]:
+    """Runs the block under ``jax.default_matmul_precision(config.precision)`` (see
+    ``config.PRECISIONS``): full float32 matmuls and convolutions unless the config says else."""
+    import jax
+
+    with jax.default_matmul_precision(config.precision):
+        yield
 
 
 def fail(message: str) -> None:
@@ -115,7 +126,8 @@ def main(argv: Sequence[str]) -> None:
         # (validate counts the devices for config.mesh).
         sharding.initialize_distributed(sharding.options(config)["distributed"])
         config_lib.validate(config)
-        MODES[mode](config, workdir)
+        with matmul_precision(config):
+            MODES[mode](config, workdir)
         print(f"results in {workdir}: " + ", ".join(sorted(os.listdir(workdir))))
     except ConfigError as e:
         fail(str(e))

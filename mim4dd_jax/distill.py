@@ -4,12 +4,12 @@ The synthetic state is a plain dict pytree::
 
     {"images": [C * ipc, H, W, Ch] float32 (model space, class-major: image i has class i // ipc),
      "labels": [C * ipc] int32 (fixed), or [C * ipc, C] float32 logits (MTT, mtt.learn_labels),
-     "log_lr": [] float32, the student lr of MTT as its log (learned with mtt.learn_lr; for the
-               other methods it is log(eval.lr) and fixed),
+     "syn_lr": [] float32, the student lr of MTT (learned with mtt.learn_lr; for the other
+               methods it is eval.lr and fixed),
      "trainable": [C * ipc] bool, False for images that are kept as loaded (incremental growth),
      "heads": mi.init_heads params, one per MI layer (present, and untouched, when mi.weight = 0),
      "banks": per MI layer a mi.init_memory_bank (only with mi.weight > 0 and mi.bank_slots > 0),
-     "opt_state": one optax state per learned part ("images", "heads", "log_lr", "labels")}
+     "opt_state": one optax state per learned part ("images", "heads", "syn_lr", "labels")}
 
 One iteration is one jitted, pure :func:`make_step` function ``step(state, key, real_images,
 class_index, experts) -> (state, metrics)`` with the state donated; the real train split (and,
@@ -27,8 +27,10 @@ epoch) pairs are drawn inside the step.
   iteration; the student starts at theta*_t, takes ``mtt.syn_steps`` SGD steps on synthetic
   minibatches with per-sample DSA (``objectives.student_unroll``, a ``lax.scan``, rematerialised
   per step unless ``mtt.remat`` is off), and the loss is ``objectives.mtt_loss`` against
-  theta*_{t+expert_epochs}, averaged over the pairs (vmapped). The student lr is exp(log_lr), so
-  it stays positive.
+  theta*_{t+expert_epochs}, averaged over the pairs (vmapped). The student lr ``syn_lr`` is
+  learned as the reference learns it: SGD(mtt.lr_lr, momentum 0.5) on the lr itself. The
+  reference does not keep it positive; here a step that would make it <= 0 is rejected by the
+  numerical guard like a non-finite one.
 - **MIM4DD add-on**: total = base + mi.weight * mi.mi_loss (= -sum_l w_l MI_l). Synthetic
   features come from the synthetic-side network and real features from the real-side network:
   DM uses the sampled network for both, DC the network at that outer step (on the batches and
@@ -39,9 +41,9 @@ epoch) pairs are drawn inside the step.
   have their own optax optimiser and descend the same total, i.e. they maximise the MI bound.
   ``mi.weight == 0`` skips the MI code at trace time and the MI term consumes no random
   numbers, so the base method is reproduced exactly.
-- **Numerical guard**: a step whose loss, any gradient or any updated value is not finite
-  leaves the state unchanged (metric "skipped" = 1); ``run`` stops after
-  ``guard.max_consecutive`` in a row.
+- **Numerical guard**: a step whose loss, any gradient or any updated value is not finite,
+  or whose learned MTT lr is not positive, leaves the state unchanged (metric "skipped" = 1);
+  ``run`` stops after ``guard.max_consecutive`` in a row.
 
 Randomness (part of the contract, tests rely on it): ``init_state`` uses ``fold_in(key, 0)`` for
 the images and ``fold_in(key, 1)`` for the heads. In a DM step, ``fold_in(key, 0|1|2)`` draw the
@@ -60,7 +62,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 import resource
 import signal
@@ -183,19 +184,19 @@ def learned_parts(config: Any) -> tuple[str, ...]:
     if config.mi.weight:
         parts.append("heads")
     if config.method == "mtt":
-        parts += ["log_lr"] if config.mtt.learn_lr else []
+        parts += ["syn_lr"] if config.mtt.learn_lr else []
         parts += ["labels"] if config.mtt.learn_labels else []
     return tuple(parts)
 
 
 def _optimizers(config: Any) -> dict[str, optax.GradientTransformation]:
     d, m = config.distill, config.mtt
-    # lr_lr is the reference's step on the lr itself; on log_lr, d/dlog = lr * d/dlr, so the
-    # same first steps need lr_lr / lr_teacher^2.
+    # syn_lr: the reference's torch SGD([syn_lr], lr=lr_lr, momentum=0.5) on the lr itself
+    # (optax's trace is torch's buffer: buf = 0.5 * buf + g, lr -= lr_lr * buf).
     return {
         "images": make_optimizer(d.optimizer, d.lr, d.momentum),
         "heads": make_optimizer(config.mi.optimizer, config.mi.lr),
-        "log_lr": make_optimizer("sgd", m.lr_lr / m.lr_teacher**2, 0.5),
+        "syn_lr": make_optimizer("sgd", m.lr_lr, 0.5),
         "labels": make_optimizer("sgd", m.lr_labels, 0.5),
     }
 
@@ -348,7 +349,7 @@ def init_state(key: jax.Array, dataset: data_lib.Dataset, config: Any) -> State:
     state = {
         "images": images,
         "labels": _init_labels(dataset, config, loaded),
-        "log_lr": jnp.asarray(math.log(lr), jnp.float32),
+        "syn_lr": jnp.asarray(lr, jnp.float32),
         "trainable": trainable,
         "heads": heads,
     }
@@ -367,7 +368,7 @@ def init_state(key: jax.Array, dataset: data_lib.Dataset, config: Any) -> State:
 def student_lr(state: State, config: Any) -> float:
     """The lr models are evaluated with: the learned MTT lr, else ``eval.lr``."""
     if config.method == "mtt" and config.mtt.learn_lr:
-        return float(np.exp(np.asarray(state["log_lr"])))
+        return float(sharding.to_host(state["syn_lr"]))
     return float(config.eval.lr)
 
 
@@ -628,6 +629,10 @@ def make_step(config: Any, dataset: data_lib.Dataset, mesh: Mesh | None = None) 
         new["opt_state"] = opt
         # A finite gradient can still overflow into a non-finite update (a huge lr): reject it too.
         ok = jnp.isfinite(total) & _all_finite(grads) & _all_finite([new[n] for n in parts])
+        if "syn_lr" in parts:
+            # The reference lets a learned lr cross zero; a student that ascends its loss is
+            # never what is meant, so such a step is rejected like a non-finite one.
+            ok &= new["syn_lr"] > 0
         new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, st)
         return new, {"loss": total, **aux, "skipped": (~ok).astype(jnp.int32)}
 
@@ -756,7 +761,7 @@ def _mtt_step(
 
     def loss_fn(learned, st, starts, targets, unroll_keys, real_x, aug_key):
         images = learned["images"]
-        lr = objectives.lr_from_log(learned.get("log_lr", st["log_lr"]))
+        lr = learned.get("syn_lr", st["syn_lr"])
         labels = learned.get("labels", st["labels"])
         syn_y = jax.nn.softmax(labels, axis=-1) if labels.ndim == 2 else labels
 
@@ -868,6 +873,11 @@ _RUN_FIELDS = (
 _RESUMABLE_FIELDS = (*_RUN_FIELDS, "distill.iterations", "distill.eval_every", "eval")
 
 
+# Fields added after runs were already made, with the value that reproduces what those runs did:
+# a workdir whose config.json lacks such a field is the same run when the new value is this one.
+_ADDED_FIELDS = {"precision": "float32"}
+
+
 def _config_fingerprint(config: Any) -> dict[str, Any]:
     """Every config field, flattened to dotted names and JSON scalars."""
     flat = config_lib.flatten_dotted(config.to_dict())
@@ -898,6 +908,9 @@ def check_same_run(workdir: str, config: Any) -> None:
             f"--config.distill.init_from={os.path.join(workdir, 'distilled.npz')} "
             "--config.distill.iterations=0"
         )
+    for name, value in _ADDED_FIELDS.items():
+        if name not in old and new.get(name) == value:
+            old[name] = value
     for name in sorted(set(old) | set(new)):
         if old.get(name) != new.get(name) and not _matches(name, allowed):
             raise ConfigError(
@@ -1073,9 +1086,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                     checkpoints.close()
                     raise ConfigError(
                         f"{consecutive_skips} consecutive steps had a non-finite loss or "
-                        f"gradient (guard.max_consecutive={config.guard.max_consecutive}); "
-                        "lower distill.lr or mtt.lr_lr. The last good checkpoint and "
-                        "distilled.npz are kept"
+                        "gradient or (MTT) a learned lr <= 0 "
+                        f"(guard.max_consecutive={config.guard.max_consecutive}); lower "
+                        "distill.lr or mtt.lr_lr. The last good checkpoint and distilled.npz "
+                        "are kept"
                     )
             if stop.signum is not None or (d.checkpoint_every and done % d.checkpoint_every == 0):
                 checkpoints.save(done, state)
@@ -1092,5 +1106,13 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         # code reports the best over its evaluations. Both are recorded, labelled.
         summary.update(io.final_and_best(io.accuracy_history(workdir)))
         summary["num_models"] = int(config.eval.num_models)
+        if experts is not None:
+            # The count this run matched against (the reference trains 100), not experts.num.
+            shape = experts.trajectories.shape
+            summary["experts"] = {
+                "num": int(shape[0]),
+                "epochs": int(shape[1]) - 1,
+                "dir": config.mtt.experts_dir,
+            }
         io.write_json(os.path.join(workdir, "results.json"), summary)
     return summary

@@ -44,8 +44,13 @@ class EvalResult(NamedTuple):
         return f"{self.model}: {100 * self.mean:.2f} ± {100 * self.std:.2f} % ({len(self.accuracies)} models)"
 
 
+@functools.cache
 def dsa_augment_fn(strategy: str, dataset: str) -> inner.AugmentFn:
-    """Per-sample DSA for training evaluation models (flip dropped for digit datasets)."""
+    """Per-sample DSA for training evaluation models (flip dropped for digit datasets).
+
+    Cached: the same (strategy, dataset) gives the same function object, so the jitted
+    training program (which takes it as a static argument) is compiled once, not at every
+    evaluation of a run."""
     return functools.partial(
         augment_lib.augment,
         strategy=augment_lib.strategy_for_dataset(strategy, dataset),

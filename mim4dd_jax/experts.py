@@ -206,6 +206,9 @@ def make_meta(config: Any, dataset: data_lib.Dataset) -> dict[str, Any]:
         "seed": int(config.seed),
         "num_params": num_params(model, dataset.image_shape),
     }
+    if zca:
+        # The space the whitening is fitted in: experts from another one are another input space.
+        meta["data"]["zca_space"] = data_lib.ZCA_SPACE
     return json.loads(json.dumps(meta))  # tuples -> lists, as they come back from the file
 
 

@@ -5,7 +5,7 @@ Three families, each the loss the synthetic images are optimised on (lower is be
 - **Gradient matching** (DC, and DSA = DC with siamese augmentation): :func:`gradient_distance`,
   :func:`dc_loss`, :func:`dc_loops`, :func:`refresh_batch_stats`.
 - **Distribution matching** (DM): :func:`dm_loss`, :func:`dm_loss_and_features`.
-- **Trajectory matching** (MTT): :func:`student_unroll`, :func:`mtt_loss`, :func:`lr_from_log`,
+- **Trajectory matching** (MTT): :func:`student_unroll`, :func:`mtt_loss`,
   :func:`minibatch_schedule`.
 
 Conventions:
@@ -376,11 +376,6 @@ def dm_loss(
 # ----------------------------------------------------------------------------------------------
 
 
-def lr_from_log(log_lr: jax.Array) -> jax.Array:
-    """The student's learning rate exp(log_lr) > 0; optimise log_lr, init it to log(expert lr)."""
-    return jnp.exp(log_lr)
-
-
 def _check_count(what: str, value: object) -> None:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{what}={value!r} is invalid; valid: an int >= 1")
@@ -441,7 +436,7 @@ def student_unroll(
     Args:
       start_params: the expert's "params" pytree at the start epoch.
       syn_x: [N, H, W, Ch] float32 synthetic images; syn_y: [N] int32 or [N, K] float32 labels.
-      lr: the student lr, a positive scalar (e.g. ``lr_from_log(log_lr)``).
+      lr: the student lr, a positive scalar (MTT learns it as the reference does, on the lr itself).
       key: PRNG key; split into (schedule key, augment key).
       model: the classifier; forward in training mode (as the reference student).
       syn_steps: number of student steps S >= 1. batch_syn: minibatch size (None: all N).

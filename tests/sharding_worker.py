@@ -63,7 +63,7 @@ def fake_trajectories(config, dataset, experts: int = 2, epochs: int = 3):
 def run_case(name: str) -> dict:
     """One step of CASES[name] from ``init_state(fold_in(key(0), 0))`` with key fold_in(key, 100),
     on all devices of this process (placed as distill.run places them). Returns host arrays:
-    loss, base_loss, mi (when on), grad = (old - new images) / lr, images, log_lr."""
+    loss, base_loss, mi (when on), grad = (old - new images) / lr, images, syn_lr."""
     import jax
     import numpy as np
     from helpers import fake_dataset, tiny_config
@@ -91,7 +91,7 @@ def run_case(name: str) -> dict:
     out.update(
         images=images,
         grad=(old.astype(np.float64) - images) / LR,
-        log_lr=np.asarray(new["log_lr"]),
+        syn_lr=np.asarray(new["syn_lr"]),
         devices=np.int64(jax.device_count()),
         image_sharding=np.asarray(str(new["images"].sharding)),
     )

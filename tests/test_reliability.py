@@ -21,7 +21,7 @@ from helpers import ROOT, cli_command, cli_env, fake_dataset, tiny_config, write
 from helpers import run_cli as run
 from jax.flatten_util import ravel_pytree
 
-from mim4dd_jax import checkpoint, data, distill, evaluate, inner, objectives
+from mim4dd_jax import checkpoint, data, distill, evaluate, inner
 from mim4dd_jax import config as config_lib
 from mim4dd_jax.errors import ConfigError
 
@@ -172,7 +172,7 @@ def test_non_finite_step_leaves_the_state_unchanged_and_is_counted(case):
     before = host(state)
     state, metrics = one(bad_step, state, 2, bad_experts)  # step k = 2
     assert metrics["skipped"] == 1
-    # Images, heads, log_lr, labels and every optimiser state: bit for bit.
+    # Images, heads, syn_lr, labels and every optimiser state: bit for bit.
     assert_same_bits(host(state), before)
 
     state, metrics = one(step, state, 3, experts)
@@ -246,13 +246,14 @@ def test_guard_stops_the_run_and_keeps_the_last_good_artifacts(npz_data, tmp_pat
     assert_same_bits(host(restored), last_good)
 
 
-def test_mtt_lr_is_positive_by_parametrisation():
+def test_mtt_lr_is_learned_from_lr_teacher():
+    # Learned as the lr itself, as the reference does; the guard keeps it positive
+    # (tests/test_protocol.py).
     dataset = fake_dataset(3, 12, 8)
     config = tiny_config("mtt,ipc1")
     state = distill.init_state(KEY, dataset, config)
-    assert "log_lr" in distill.learned_parts(config)  # the optimiser only ever sees log(lr)
-    np.testing.assert_allclose(np.exp(state["log_lr"]), config.mtt.lr_teacher, rtol=1e-6)
-    assert float(objectives.lr_from_log(jnp.float32(-80.0))) > 0
+    assert "syn_lr" in distill.learned_parts(config)
+    np.testing.assert_allclose(state["syn_lr"], config.mtt.lr_teacher, rtol=1e-7)
 
 
 # ----------------------------------------------------------------------------------------------

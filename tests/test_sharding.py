@@ -122,7 +122,7 @@ def test_steps_on_1_and_4_devices_agree(one_device_steps, four_device_steps, met
     scale = np.max(np.abs(one["grad"]))
     assert scale > 0
     np.testing.assert_allclose(four["grad"], one["grad"], rtol=1e-5, atol=1e-5 * scale)
-    np.testing.assert_allclose(four["log_lr"], one["log_lr"], rtol=1e-5)
+    np.testing.assert_allclose(four["syn_lr"], one["syn_lr"], rtol=1e-5)
 
 
 def test_shard_synthetic_that_does_not_divide_is_a_config_error(four_device_steps):

@@ -51,3 +51,20 @@ def test_a_good_workdir_is_returned_absolute_and_created_only_by_prepare(tmp_pat
     assert not (tmp_path / "run").exists()
     assert io.prepare_workdir("run") == str(tmp_path / "run")
     assert (tmp_path / "run").is_dir()
+
+
+def test_a_workdir_from_before_the_precision_field_resumes_only_at_float32(tmp_path):
+    import json
+
+    from helpers import tiny_config
+
+    from mim4dd_jax import distill
+
+    config = tiny_config("dm,ipc1")
+    old = distill._config_fingerprint(config)
+    del old["precision"]  # a run made before the field existed (it ran in float32)
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    distill.check_same_run(str(tmp_path), config)  # accepted
+    config.precision = "bfloat16"
+    with pytest.raises(ConfigError, match="precision=None, not 'bfloat16'"):
+        distill.check_same_run(str(tmp_path), config)
