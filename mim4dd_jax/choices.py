@@ -1,0 +1,16 @@
+"""The names of valid choices for config fields whose modules import ``config``.
+
+``config.validate`` checks these names; the modules that use them import them from here. This
+module imports nothing of ours, so ``config`` never has to import a module that imports it back.
+"""
+
+# distill.optimizer, mi.optimizer: optax optimisers by name (state.make_optimizer).
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "lion", "lamb")
+# distill.init: real images per class, or standard normal pixels in model space.
+INITS = ("real", "noise")
+# mtt.remat: rematerialise each student step ("auto" = on except on GPU/TPU).
+REMAT = ("auto", "on", "off")
+# mi.networks (MTT): real features from the expert ("paired") or from the student ("shared").
+MI_NETWORKS = ("paired", "shared")
+# coreset.features: the space herding / k-center select in.
+FEATURE_SPACES = ("pixels", "random_net", "trained_net")

@@ -1,0 +1,165 @@
+"""The distillation step: one registry of base methods (``name -> step builder``) and
+:func:`make_step`, which turns the configured method into one jitted, donated function.
+
+A builder takes a :class:`steps_core.StepContext` and returns the method's step body
+``(state, key, real_images, class_index, experts) -> (state, metrics)``; it computes the base
+loss and ends its loss in ``ctx.with_mi`` and its update in ``ctx.grad_and_update``, so the
+MIM4DD term, the optax updates, the growth mask and the numerical guard are the same for every
+method. The built-in methods live one family per module (``steps_dm``, ``steps_dc``,
+``steps_mtt``); a new one is one more builder, registered with :func:`register`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from mim4dd_jax import augment as augment_lib
+from mim4dd_jax import data as data_lib
+from mim4dd_jax import evaluate as evaluate_lib
+from mim4dd_jax import objectives, sharding, steps_dc, steps_dm, steps_mtt
+from mim4dd_jax import state as state_lib
+from mim4dd_jax.errors import check_choice
+from mim4dd_jax.state import State
+from mim4dd_jax.steps_core import Builder, Metrics, StepContext
+
+StepFn = Callable[..., tuple[State, Metrics]]
+
+# The base methods, by config.method. Built-ins here; others via register().
+_BUILDERS: dict[str, Builder] = {
+    "dm": steps_dm.build,
+    "dc": steps_dc.build,
+    "dsa": steps_dc.build,  # DC with distill.dsa on (the configs' "dsa" preset)
+    "mtt": steps_mtt.build,
+}
+
+
+def register(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: ``@steps.register("name")`` makes a builder the step of ``method="name"``."""
+
+    def add(builder: Builder) -> Builder:
+        _BUILDERS[name] = builder
+        return builder
+
+    return add
+
+
+def names() -> tuple[str, ...]:
+    """The registered base methods."""
+    return tuple(_BUILDERS)
+
+
+def get(name: str) -> Builder:
+    """The builder registered as ``name``; ConfigError listing the valid names otherwise."""
+    check_choice("distillation method", name, names())
+    return _BUILDERS[name]
+
+
+def matching_strategy(config: Any, dataset_name: str) -> str | None:
+    """The DSA strategy used while distilling (siamese for DM/DC, per-sample in the MTT
+    student), or None (``distill.dsa`` off)."""
+    if not config.distill.dsa:
+        return None
+    strategy = augment_lib.strategy_for_dataset(config.dsa.strategy, dataset_name)
+    return None if strategy == "none" else strategy
+
+
+def step_model(config: Any, num_classes: int) -> nn.Module:
+    """The network the step differentiates through: ``config.model``, except that DM on CPU with
+    ``conv_impl="auto"`` uses the "hybrid" conv (XLA's forward, GEMM weight gradient). DM's step
+    has no loop, where XLA:CPU's conv is fast, and it measured 2.3x faster than im2col with half
+    the memory (BENCHMARKS.md); loops (DC's inner training, the MTT student) keep im2col."""
+    model = evaluate_lib.build_model(config, num_classes)
+    if config.method == "dm" and config.conv_impl == "auto" and jax.default_backend() == "cpu":
+        model = model.clone(conv_impl="hybrid")
+    return model
+
+
+def real_chunk(config: Any) -> int:
+    """``distill.real_chunk`` resolved: -1 is 64 on CPU (measured best of 20-320 for the DM step,
+    BENCHMARKS.md) and 0 (one pass) on accelerators, where big batches are the fast case."""
+    chunk = int(config.distill.real_chunk)
+    if chunk == -1:
+        return 64 if jax.default_backend() == "cpu" else 0
+    return chunk
+
+
+def _real_batch(config: Any, counts: np.ndarray) -> int:
+    # The reference takes the first n of a class permutation, i.e. the whole class when smaller.
+    return int(min(config.distill.batch_real, int(np.min(counts))))
+
+
+def make_context(config: Any, dataset: data_lib.Dataset, mesh: Mesh) -> StepContext:
+    """The :class:`StepContext` of ``config`` on ``dataset`` (metadata and label counts only)."""
+    num_classes, shape = dataset.num_classes, dataset.image_shape
+    model = step_model(config, num_classes)
+    n_real = _real_batch(config, np.bincount(dataset.train_labels, minlength=num_classes))
+    return StepContext(
+        config=config,
+        dataset=dataset,
+        model=model,
+        strategy=matching_strategy(config, dataset.name),
+        n_real=n_real,
+        chunk=real_chunk(config),
+        mesh=mesh,
+        layers=state_lib.mi_layers(config, model, shape),
+        mi_opts=state_lib.mi_options(config.mi),
+        txs=state_lib.optimizers(config),
+        parts=state_lib.learned_parts(config),
+        real_labels=objectives.class_labels(num_classes, n_real),
+        syn_classes=objectives.class_labels(num_classes, config.ipc),
+    )
+
+
+def make_step(config: Any, dataset: data_lib.Dataset, mesh: Mesh | None = None) -> StepFn:
+    """The jitted ``step(state, key, real_images, class_index, experts=None) -> (state, metrics)``.
+
+    real_images: [N, H, W, Ch] float32, the train split in model space (on device);
+    class_index: ``data.class_index`` of its labels; experts (MTT only): [E, T+1, P] float32
+    flattened expert trajectories (``experts.load``). The state is donated. metrics: "loss"
+    (the total), "base_loss" (DC: means over the outer steps), "skipped" (1 if the numerical
+    guard rejected the update), plus "mi" [L] (nats per MI layer) when ``mi.weight > 0``;
+    DC/DSA add "base_loss_outer" [outer_loop]; MTT adds "syn_lr". Only ``dataset``'s metadata
+    and label counts are read here.
+
+    Sharding (``mesh``, default ``sharding.mesh_from_config(config)``): DM and DC split their
+    real [C, n, ...] and synthetic [C, ipc, ...] batches by class, MTT its (expert, start)
+    pairs, over all mesh devices. A count the devices do not divide gives the same results
+    without the split's benefit: XLA pads MTT's pairs (devices idle) and, for C, gathers the
+    real batch and runs DM/DC replicated (BENCHMARKS.md). The state leaves the step
+    with ``state.state_shardings`` (replicated by default), the metrics replicated; XLA inserts
+    the collectives (the image gradient gathered from the class shards, the gradient summed
+    over pairs). Place the inputs with ``state.place_state`` (and the real images / trajectories
+    replicated) as ``distill.run`` does. One device: no constraint at all.
+    """
+    builder = get(config.method)
+    mesh = sharding.mesh_from_config(config) if mesh is None else mesh
+    ctx = make_context(config, dataset, mesh)
+    state_lib.check_plan(config, dataset.num_classes, mesh)
+    base_step = builder(ctx)
+    num_classes, ipc, shape = ctx.num_classes, ctx.ipc, ctx.shape
+
+    def step(
+        state: State,
+        key: jax.Array,
+        real_images: jax.Array,
+        index: Any,
+        experts: jax.Array | None = None,
+    ):
+        chex.assert_shape(state["images"], (num_classes * ipc, *shape))
+        chex.assert_shape(real_images, (None, *shape))
+        chex.assert_type(real_images, jnp.float32)
+        new, metrics = base_step(state, key, real_images, index, experts)
+        # Fixed output layouts: the next call sees the input shardings it was compiled for, and
+        # every process can read the metrics.
+        new = sharding.constrain_like(new, state_lib.state_shardings(new, mesh, config))
+        return new, sharding.constrain(metrics, mesh, None)
+
+    return jax.jit(step, donate_argnums=(0,))

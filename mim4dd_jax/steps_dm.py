@@ -1,0 +1,48 @@
+"""The DM step (Zhao & Bilen, 2023): distribution matching in a random network's embedding.
+
+A fresh, frozen random network per iteration; loss = ``objectives.dm_loss_and_features`` with
+siamese DSA; one image update per iteration. With MI, the sampled network gives both the real
+and the synthetic features (on the views the base loss matched).
+
+Randomness: ``fold_in(key, 0|1|2)`` draw the real batch, the network and the DSA transforms.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from mim4dd_jax import data as data_lib
+from mim4dd_jax import inner, objectives
+from mim4dd_jax.state import State
+from mim4dd_jax.steps_core import BaseStep, StepContext, warn_uneven
+
+
+def build(ctx: StepContext) -> BaseStep:
+    """The DM step body (registered as "dm" in ``mim4dd_jax.steps``)."""
+    num_classes, ipc, shape, model = ctx.num_classes, ctx.ipc, ctx.shape, ctx.model
+    # Measured (BENCHMARKS.md): XLA then gathers the real batch and runs DM replicated.
+    warn_uneven("classes", num_classes, ctx.mesh, "the step runs replicated, no speed-up")
+
+    def loss_fn(learned, st, variables, real_x, aug_key):
+        syn_x = ctx.by_class(learned["images"].reshape(num_classes, ipc, *shape))
+        base, feats = objectives.dm_loss_and_features(
+            variables,
+            real_x,
+            syn_x,
+            aug_key,
+            model=model,
+            dsa_strategy=ctx.strategy,
+            real_chunk=ctx.chunk,
+        )
+        return ctx.with_mi(base, learned, st, feats.real.blocks, feats.syn.blocks)
+
+    def dm_step(state: State, key: jax.Array, real_images: jax.Array, index: Any, _experts):
+        real_key, net_key, aug_key = (jax.random.fold_in(key, i) for i in range(3))
+        real_x = real_images[data_lib.sample_per_class(real_key, index, ctx.n_real)]
+        real_x = ctx.by_class(real_x)
+        variables = inner.init_variables(model, net_key, shape)
+        return ctx.grad_and_update(loss_fn, state, variables, real_x, aug_key)
+
+    return dm_step
