@@ -42,11 +42,27 @@ def _experts(config: Any, workdir: str) -> Any:
     return experts.run(config, workdir)
 
 
+def _evaluate(config: Any, workdir: str) -> Any:
+    from mim4dd_jax import evaluate_run
+
+    # The set's stored lr (MTT's learned lr) is used unless --config.eval.lr is given.
+    lr = config.eval.lr if "eval.lr" in overridden_fields() else None
+    return evaluate_run.run(config, workdir, lr=lr)
+
+
 MODES: dict[str, Callable[[Any, str], Any]] = {
     "coreset": _coreset,
     "distill": _distill,
     "experts": _experts,
+    "evaluate": _evaluate,
 }
+
+
+def overridden_fields() -> set[str]:
+    """The dotted config fields given on the command line (``--config.eval.lr=...``)."""
+    if not flags.FLAGS.is_parsed():
+        return set()
+    return set(config_flags.get_override_values(flags.FLAGS["config"]))
 
 
 @contextlib.contextmanager

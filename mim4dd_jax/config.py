@@ -24,6 +24,7 @@ METHODS = {
     "dsa": "distill",
     "mtt": "distill",
     "experts": "experts",
+    "evaluate": "evaluate",
 }
 ARG_FLAGS = ("local",)
 DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
@@ -220,6 +221,10 @@ def build(
             parallel="auto",
         )
     )
+    if c.mode == "evaluate":
+        # The .npz to evaluate (mode "evaluate" only: other modes' config fingerprints and
+        # distilled.npz bytes stay as they were).
+        c.eval.set = ""
 
     c.coreset = ml_collections.ConfigDict(dict(features="trained_net", feature_epochs=1))
 
@@ -378,14 +383,15 @@ def check_ipc(ipc: int, smallest_class: int | None = None) -> None:
 
 def validate(c: ml_collections.ConfigDict) -> None:
     """Checks every name and range that can be checked without data; raises ConfigError."""
-    # late: config files import this module
-    from mim4dd_jax import augment, coreset, data, distill, evaluate, experts, inner
+    # late: config files import this module. None of these imports config: the choices of
+    # modules that do (coreset, experts, the distillation modules) live in mim4dd_jax.choices.
+    from mim4dd_jax import augment, choices, data, evaluate, inner
 
     check_choice("method", c.method, METHODS)
     check_ipc(c.ipc)
     check_choice("precision", c.precision, PRECISIONS)
     check_choice("data.source", c.data.source, data.SOURCES)
-    check_choice("coreset.features", c.coreset.features, coreset.FEATURE_SPACES)
+    check_choice("coreset.features", c.coreset.features, choices.FEATURE_SPACES)
     for name in (None, *c.eval.models):
         evaluate.build_model(c, 10, name)
     augment.parse_strategy(c.dsa.strategy)
@@ -402,9 +408,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.eval.epochs < 0:
         raise ConfigError(f"eval.epochs must be >= 0, got {c.eval.epochs}")
     if "distill" in c:
-        _validate_distill(c, distill)
+        _validate_distill(c)
     if "experts" in c:
-        experts.check_config(c)
+        check_experts(c)
     if "mesh" in c:
         _validate_mesh(c.mesh)
 
@@ -421,14 +427,34 @@ def _validate_mesh(m: ml_collections.ConfigDict) -> None:
     sharding.check_mesh(m.shape, m.axes, jax.device_count())
 
 
-def _validate_distill(c: ml_collections.ConfigDict, distill: Any) -> None:
+def check_experts(config: Any) -> None:
+    """Checks ``config.experts``; raises ConfigError naming the bad field."""
+    ex = config.experts
+    for field, minimum in (("num", 1), ("epochs", 1), ("batch_size", 1), ("group", 0)):
+        value = ex[field]
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"experts.{field} must be an integer >= {minimum}, got {value!r}")
+    if not ex.lr > 0:
+        raise ConfigError(f"experts.lr must be > 0, got {ex.lr!r}")
+    if not ex.weight_decay >= 0:
+        raise ConfigError(f"experts.weight_decay must be >= 0, got {ex.weight_decay!r}")
+    if ex.momentum != 0:
+        raise ConfigError(
+            f"experts.momentum must be 0 (the reference buffer.py uses 0), got {ex.momentum!r}: "
+            "inner.sgd_epochs restarts its momentum buffer every epoch"
+        )
+
+
+def _validate_distill(c: ml_collections.ConfigDict) -> None:
     """Checks the ``distill`` and ``mi`` blocks (names, ranges, MI options, DC loops)."""
     from mim4dd_jax import mi, objectives
+    from mim4dd_jax import state as state_lib
+    from mim4dd_jax.choices import INITS, MI_NETWORKS, OPTIMIZERS, REMAT
 
     d = c.distill
-    check_choice("distill.optimizer", d.optimizer, distill.OPTIMIZERS)
-    check_choice("distill.init", d.init, distill.INITS)
-    check_choice("mi.optimizer", c.mi.optimizer, distill.OPTIMIZERS)
+    check_choice("distill.optimizer", d.optimizer, OPTIMIZERS)
+    check_choice("distill.init", d.init, INITS)
+    check_choice("mi.optimizer", c.mi.optimizer, OPTIMIZERS)
     for field, value, minimum in (
         ("distill.iterations", d.iterations, 0),
         ("distill.eval_every", d.eval_every, 0),
@@ -465,15 +491,15 @@ def _validate_distill(c: ml_collections.ConfigDict, distill: Any) -> None:
         raise ConfigError(f"distill.momentum must be in [0, 1), got {d.momentum!r}")
     if not c.mi.weight >= 0:
         raise ConfigError(f"mi.weight must be >= 0, got {c.mi.weight!r}")
-    check_choice("mi.networks", c.mi.networks, distill.MI_NETWORKS)
+    check_choice("mi.networks", c.mi.networks, MI_NETWORKS)
     if not 0 <= c.mi.bank_momentum < 1:
         raise ConfigError(f"mi.bank_momentum must be in [0, 1), got {c.mi.bank_momentum!r}")
-    check_choice("mtt.remat", c.mtt.remat, distill.REMAT)
+    check_choice("mtt.remat", c.mtt.remat, REMAT)
     if c.mtt.learn_labels and c.method != "mtt":
         raise ConfigError(
             f"mtt.learn_labels is for method mtt, not {c.method!r}; valid: --config.method=mtt "
             "or mtt.learn_labels=False"
         )
-    mi.make_config(**distill.mi_options(c.mi))
+    mi.make_config(**state_lib.mi_options(c.mi))
     if c.method in ("dc", "dsa") and not (d.outer_loop and d.inner_loop):
         objectives.dc_loops(c.ipc)

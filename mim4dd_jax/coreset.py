@@ -21,9 +21,8 @@ from mim4dd_jax import config as config_lib
 from mim4dd_jax import data as data_lib
 from mim4dd_jax import evaluate as evaluate_lib
 from mim4dd_jax import inner, io
+from mim4dd_jax.choices import FEATURE_SPACES
 from mim4dd_jax.errors import check_choice
-
-FEATURE_SPACES = ("pixels", "random_net", "trained_net")
 
 
 def random_indices(key: jax.Array, index: data_lib.ClassIndex, ipc: int) -> jax.Array:
@@ -61,7 +60,8 @@ def herding_select(features: jax.Array, count: jax.Array, ipc: int) -> jax.Array
 def herding_indices(features: np.ndarray, index: data_lib.ClassIndex, ipc: int) -> np.ndarray:
     """Herding per class on [N, D] features: returns [C, ipc] example indices."""
     rows = []
-    for c in range(index.indices.shape[0]):
+    num_classes = index.indices.shape[0]
+    for c in evaluate_lib.progress_iter(range(num_classes), "herding", num_classes, unit="class"):
         members = np.asarray(index.indices[c, : int(index.counts[c])])
         chosen = herding_select(jnp.asarray(features[members]), len(members), ipc)
         rows.append(members[np.asarray(chosen)])
@@ -75,12 +75,12 @@ def embed(model: Any, variables: Any, images: np.ndarray, batch_size: int = 500)
     def f(x):
         return model.apply(variables, x, train=False, features=True).embedding
 
-    return np.concatenate(
-        [
-            np.asarray(f(jnp.asarray(images[i : i + batch_size])))
-            for i in range(0, len(images), batch_size)
-        ]
-    )
+    out = []
+    with evaluate_lib.progress_bar("features", len(images), unit="image") as bar:
+        for i in range(0, len(images), batch_size):
+            out.append(np.asarray(f(jnp.asarray(images[i : i + batch_size]))))
+            bar.update(len(out[-1]))
+    return np.concatenate(out)
 
 
 def herding_features(key: jax.Array, dataset: data_lib.Dataset, config: Any) -> np.ndarray:
@@ -106,7 +106,13 @@ def herding_features(key: jax.Array, dataset: data_lib.Dataset, config: Any) -> 
             weight_decay=config.eval.weight_decay,
         )
         train = jax.jit(functools.partial(inner.train_classifier, model=model, config=train_config))
-        variables = train(key, jnp.asarray(x), jnp.asarray(dataset.train_labels), config.eval.lr)
+        desc = f"features net: {train_config.epochs} epochs"
+        with evaluate_lib.progress_bar(desc, 1, unit="net") as bar:
+            variables = train(
+                key, jnp.asarray(x), jnp.asarray(dataset.train_labels), config.eval.lr
+            )
+            jax.block_until_ready(variables)
+            bar.update(1)
     return embed(model, variables, x)
 
 

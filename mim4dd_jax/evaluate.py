@@ -10,6 +10,8 @@ architecture train as one vmapped, jitted program; several architectures can be 
 from __future__ import annotations
 
 import functools
+import math
+import sys
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -73,6 +75,8 @@ def evaluate(
     test_batch_size: int = 500,
     parallel: str = "auto",
     mesh: jax.sharding.Mesh | None = None,
+    progress: bool | None = None,
+    chunk_epochs: int = 0,
 ) -> list[EvalResult]:
     """Trains ``num_models`` fresh models per architecture on (images, labels) and tests them.
 
@@ -86,7 +90,19 @@ def evaluate(
         cross-architecture evaluation in one call.
       mesh: spread the models over these devices (``inner.train_and_test_many``); None or one
         device: all on the default device.
+      progress: a progress bar per architecture on stderr (ETA, the models' mean training
+        loss, the accuracy at the end); None: only when stderr is a terminal. With progress the
+        K models train in chunks of epochs (``inner.train_and_test_chunked``), which gives the
+        same accuracies bit for bit as the one program used without it.
+      chunk_epochs: epochs per chunk (0: about 20 chunks with progress, one program without).
     """
+    if progress is None:
+        # Every process of a multi-process run must run the same programs: no tty-dependent
+        # chunking there.
+        progress = sys.stderr.isatty() and jax.process_count() == 1
+    passes = train_config.epochs + 1
+    if progress and not chunk_epochs:
+        chunk_epochs = max(1, math.ceil(passes / PROGRESS_CHUNKS))
     if mesh is not None and sharding.size(mesh) == 1:
         mesh = None  # the single-device program, compiled (and cached) as without a mesh
     place = jnp.asarray
@@ -97,13 +113,9 @@ def evaluate(
     for j, (name, model) in enumerate(architectures):
         arch_key = jax.random.fold_in(key, j)
         keys = jax.vmap(lambda i, k=arch_key: jax.random.fold_in(k, i))(jnp.arange(num_models))
-        accs = inner.train_and_test_many(
-            keys,
-            place(images),
-            place(labels),
-            jnp.float32(lr),
-            place(test_images),
-            place(test_labels),
+        args = (keys, place(images), place(labels), jnp.float32(lr))
+        args += (place(test_images), place(test_labels))
+        kwargs = dict(
             model=model,
             config=train_config,
             augment=augment,
@@ -111,8 +123,61 @@ def evaluate(
             parallel=parallel,
             mesh=mesh,
         )
-        results.append(EvalResult(name, sharding.to_host(accs)))
+        if not chunk_epochs:
+            accs = inner.train_and_test_many(*args, **kwargs)
+            results.append(EvalResult(name, sharding.to_host(accs)))
+            continue
+        with progress_bar(f"eval {name} x{num_models}", passes, enabled=progress) as bar:
+            on_chunk = None
+            if progress:
+
+                def on_chunk(done: int, total: int, loss: jax.Array, bar: Any = bar) -> None:
+                    bar.set_postfix_str(f"loss {float(np.mean(sharding.to_host(loss))):.4f}")
+                    bar.update(done - bar.n)
+
+            accs = inner.train_and_test_chunked(
+                *args, **kwargs, chunk_epochs=chunk_epochs, on_chunk=on_chunk
+            )
+            result = EvalResult(name, sharding.to_host(accs))
+            bar.set_postfix_str(f"acc {100 * result.mean:.2f} ± {100 * result.std:.2f} %")
+        results.append(result)
     return results
+
+
+# With progress, an evaluation trains in about this many chunks of epochs (one host round trip
+# each, to read the loss for the bar).
+PROGRESS_CHUNKS = 20
+
+
+def progress_iter(iterable: Any, desc: str, total: int, *, unit: str) -> Any:
+    """``iterable`` with a progress bar on stderr when it is a terminal (see
+    :func:`progress_bar`)."""
+    from tqdm import tqdm
+
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=None,
+    )
+
+
+def progress_bar(desc: str, total: int, *, enabled: bool | None = None, unit: str = "epoch"):
+    """A tqdm bar on stderr; ``enabled=None``: only when stderr is a terminal (CI logs stay
+    short). Shows the ETA; callers add the loss or the accuracy as a postfix."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=None if enabled is None else not enabled,
+    )
 
 
 def evaluate_from_config(
@@ -123,6 +188,7 @@ def evaluate_from_config(
     config: Any,
     lr: float | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    progress: bool | None = None,
 ) -> list[EvalResult]:
     """:func:`evaluate` driven by ``config.eval``/``config.model``/``config.dsa``, on ``mesh``
     (default: ``config.mesh``)."""
@@ -149,6 +215,7 @@ def evaluate_from_config(
         test_batch_size=ev.test_batch_size,
         parallel=ev.parallel,
         mesh=sharding.mesh_from_config(config) if mesh is None else mesh,
+        progress=progress,
     )
 
 

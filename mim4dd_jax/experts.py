@@ -110,21 +110,11 @@ class EpochConfig(NamedTuple):
 
 
 def check_config(config: Any) -> None:
-    """Checks ``config.experts``; raises ConfigError naming the bad field."""
-    ex = config.experts
-    for field, minimum in (("num", 1), ("epochs", 1), ("batch_size", 1), ("group", 0)):
-        value = ex[field]
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"experts.{field} must be an integer >= {minimum}, got {value!r}")
-    if not ex.lr > 0:
-        raise ConfigError(f"experts.lr must be > 0, got {ex.lr!r}")
-    if not ex.weight_decay >= 0:
-        raise ConfigError(f"experts.weight_decay must be >= 0, got {ex.weight_decay!r}")
-    if ex.momentum != 0:
-        raise ConfigError(
-            f"experts.momentum must be 0 (the reference buffer.py uses 0), got {ex.momentum!r}: "
-            "inner.sgd_epochs restarts its momentum buffer every epoch"
-        )
+    """Checks ``config.experts``; raises ConfigError naming the bad field.
+
+    The checks live in ``config.check_experts`` so that ``config.validate`` need not import
+    this module (which imports config)."""
+    config_lib.check_experts(config)
 
 
 def resolve_group(group: int, num: int) -> int:
@@ -531,7 +521,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         chunks, size = _chunks(todo, resolve_group(ex.group, len(todo)))
         # A chunk runs until its least-trained member is done.
         total = sum(ex.epochs - min(done[i] for i in chunk) for chunk in chunks)
-        with tqdm(total=total, desc="experts", unit="epoch", dynamic_ncols=True) as bar:
+        # disable=None: no bar when stderr is not a terminal (CI logs stay short).
+        bar = tqdm(total=total, desc="experts", unit="epoch", dynamic_ncols=True, disable=None)
+        with bar:
             for chunk in chunks:
                 _train_chunk(
                     chunk,

@@ -92,7 +92,8 @@ def sgd_epochs(
     torch.optim.SGD semantics: g += weight_decay * p; buf = momentum * buf + g; p -= lr * buf.
     With ``decay_after`` set, the lr is multiplied by ``decay_factor`` after that (0-based) pass and
     the momentum buffer restarts from zero, as when the reference re-creates its optimiser. The
-    last, smaller batch of a pass is padded to a static shape and masked out of the loss.
+    last, smaller batch of a pass is padded to a static shape and masked out of the loss (with
+    batch norm it runs at its own shape instead, so the padding stays out of the statistics).
 
     Args:
       key: PRNG key for the shuffling and the augmentation.
@@ -103,15 +104,52 @@ def sgd_epochs(
     """
     chex.assert_rank(images, 4)
     chex.assert_equal(images.shape[0], labels.shape[0])
+    epoch = _sgd_epoch(
+        key,
+        images,
+        labels,
+        lr,
+        model=model,
+        batch_size=batch_size,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        boundary=passes if decay_after is None else decay_after,
+        decay_factor=decay_factor,
+        augment=augment,
+    )
+    params = variables["params"]
+    state = {k: v for k, v in variables.items() if k != "params"}
+    buf = jax.tree.map(jnp.zeros_like, params)
+    (params, state, _), _ = jax.lax.scan(epoch, (params, state, buf), jnp.arange(passes))
+    return {**state, "params": params}
+
+
+def _sgd_epoch(
+    key: jax.Array,
+    images: jax.Array,
+    labels: jax.Array,
+    lr: jax.Array | float,
+    *,
+    model: nn.Module,
+    batch_size: int,
+    momentum: float,
+    weight_decay: float,
+    boundary: int,
+    decay_factor: float,
+    augment: AugmentFn | None,
+) -> Callable[[tuple, jax.Array], tuple[tuple, jax.Array]]:
+    """The body of :func:`sgd_epochs`: ``epoch((params, state, buf), e) -> (carry, loss)`` runs
+    pass ``e`` (0-based, absolute: it decides the shuffling, the lr and the momentum reset), and
+    ``loss`` is the pass's mean training loss over its batches. Shared by the one-program
+    training and the chunked one (:func:`train_and_test_chunked`), so both run the same ops."""
     n = images.shape[0]
     batch_size = min(batch_size, n)
     lr = jnp.asarray(lr, jnp.float32)
-    boundary = passes if decay_after is None else decay_after
 
     def loss_fn(params, state, x, y, mask):
         logits, new_vars = apply_train(model, {**state, "params": params}, x)
         loss = jnp.sum(cross_entropy(logits, y) * mask) / jnp.sum(mask)
-        return loss, {k: v for k, v in new_vars.items() if k != "params"}
+        return loss, ({k: v for k, v in new_vars.items() if k != "params"}, loss)
 
     def step(carry, batch):
         params, state, buf, lr_now, bkey = carry
@@ -119,11 +157,11 @@ def sgd_epochs(
         x, y = images[idx], labels[idx]
         if augment is not None:
             x = augment(jax.random.fold_in(bkey, b), x)
-        grads, state = jax.grad(loss_fn, has_aux=True)(params, state, x, y, mask)
+        grads, (state, loss) = jax.grad(loss_fn, has_aux=True)(params, state, x, y, mask)
         grads = jax.tree.map(lambda g, p: g + weight_decay * p, grads, params)
         buf = jax.tree.map(lambda m, g: momentum * m + g, buf, grads)
         params = jax.tree.map(lambda p, m: p - lr_now * m, params, buf)
-        return (params, state, buf, lr_now, bkey), None
+        return (params, state, buf, lr_now, bkey), loss
 
     def epoch(carry, e):
         params, state, buf = carry
@@ -131,17 +169,22 @@ def sgd_epochs(
         idx, mask = _epoch_batches(jax.random.fold_in(ekey, 0), n, batch_size)
         lr_now = jnp.where(e > boundary, lr * decay_factor, lr)
         buf = jax.tree.map(lambda m: jnp.where(e == boundary + 1, jnp.zeros_like(m), m), buf)
-        batches = (idx, mask, jnp.arange(idx.shape[0]))
-        (params, state, buf, _, _), _ = jax.lax.scan(
-            step, (params, state, buf, lr_now, jax.random.fold_in(ekey, 1)), batches
-        )
-        return (params, state, buf), None
+        carry = (params, state, buf, lr_now, jax.random.fold_in(ekey, 1))
+        full, rest = divmod(n, batch_size)
+        if not (state and rest):
+            batches = (idx, mask, jnp.arange(idx.shape[0]))
+            (params, state, buf, _, _), losses = jax.lax.scan(step, carry, batches)
+            return (params, state, buf), jnp.mean(losses)
+        # Batch norm: masking the padding out of the loss does not keep it out of the batch
+        # statistics, so the last, shorter batch runs at its own shape, as the reference's
+        # DataLoader (drop_last=False) gives it.
+        batches = (idx[:full], mask[:full], jnp.arange(full))
+        carry, losses = jax.lax.scan(step, carry, batches)
+        last = (idx[full, :rest], jnp.ones((rest,), jnp.float32), jnp.asarray(full))
+        (params, state, buf, _, _), loss = step(carry, last)
+        return (params, state, buf), jnp.mean(jnp.append(losses, loss))
 
-    params = variables["params"]
-    state = {k: v for k, v in variables.items() if k != "params"}
-    buf = jax.tree.map(jnp.zeros_like, params)
-    (params, state, _), _ = jax.lax.scan(epoch, (params, state, buf), jnp.arange(passes))
-    return {**state, "params": params}
+    return epoch
 
 
 def train_classifier(
@@ -266,3 +309,186 @@ def train_and_test_many(
     grid = sharding.pad_to_multiple(keys, d).reshape(d, -1)
     accs = jax.vmap(per_device)(sharding.constrain(grid, mesh, 0))
     return sharding.constrain(accs, mesh, None).reshape(-1)[:k]
+
+
+# ----------------------------------------------------------------------------------------------
+# The same K-model training in chunks of epochs, for progress reports.
+# ----------------------------------------------------------------------------------------------
+
+
+class ManyModels(NamedTuple):
+    """The carry of :func:`train_and_test_chunked` between chunks: per model (leading axis K,
+    or [d, K'/d] over a mesh of d devices) its variables, momentum buffer and data key."""
+
+    variables: PyTree
+    momentum: PyTree
+    data_keys: jax.Array
+
+
+def _over_models(fn: Callable[[Any], Any], xs: PyTree, parallel: str, mesh: Any) -> PyTree:
+    """``fn`` on every model of ``xs`` (leading axis K; [d, K'/d] with a mesh of d > 1 devices,
+    the first axis split over them): vmapped or mapped as ``parallel`` says."""
+    per_device = jax.vmap(fn) if resolve_parallel(parallel) == "vmap" else None
+    if per_device is None:
+        per_device = lambda t: jax.lax.map(fn, t)
+    if mesh is None or sharding.size(mesh) == 1:
+        return per_device(xs)
+    return sharding.constrain(jax.vmap(per_device)(sharding.constrain(xs, mesh, 0)), mesh, 0)
+
+
+def _per_model_rows(x: jax.Array, k: int, mesh: Any) -> jax.Array:
+    """[K] (or [d, K'/d] over a mesh) -> [K], replicated."""
+    if mesh is None or sharding.size(mesh) == 1:
+        return x
+    return sharding.constrain(x, mesh, None).reshape(-1)[:k]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "image_shape", "parallel", "mesh"))
+def _init_many(
+    keys: jax.Array, *, model: nn.Module, image_shape: tuple[int, ...], parallel: str, mesh: Any
+) -> ManyModels:
+    """Fresh models as :func:`train_classifier` makes them, one per key."""
+    if mesh is not None and sharding.size(mesh) > 1:
+        d = sharding.size(mesh)
+        keys = sharding.pad_to_multiple(keys, d).reshape(d, -1)
+
+    def one(k):
+        init_key, data_key = jax.random.split(k)
+        variables = init_variables(model, init_key, image_shape)
+        return ManyModels(variables, jax.tree.map(jnp.zeros_like, variables["params"]), data_key)
+
+    return _over_models(one, keys, parallel, mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "config", "augment", "parallel", "mesh"))
+def _train_many(
+    carry: ManyModels,
+    images: jax.Array,
+    labels: jax.Array,
+    lr: jax.Array | float,
+    start: jax.Array,
+    stop: jax.Array,
+    *,
+    model: nn.Module,
+    config: TrainConfig,
+    augment: AugmentFn | None,
+    parallel: str,
+    mesh: Any,
+) -> tuple[ManyModels, jax.Array]:
+    """Passes ``start <= e < stop`` of every model (one program for any chunk: the bounds are
+    traced); returns the new carry and each model's mean training loss in pass ``stop - 1``."""
+
+    def one(m: ManyModels) -> tuple[ManyModels, jax.Array]:
+        epoch = _sgd_epoch(
+            m.data_keys,
+            images,
+            labels,
+            lr,
+            model=model,
+            batch_size=config.batch_size,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            boundary=config.epochs // 2 + 1,
+            decay_factor=config.decay_factor,
+            augment=augment,
+        )
+        params = m.variables["params"]
+        state = {k: v for k, v in m.variables.items() if k != "params"}
+
+        def body(e, c):
+            (params, state, buf), loss = epoch(c[0], e)
+            return (params, state, buf), loss
+
+        (params, state, buf), loss = jax.lax.fori_loop(
+            start, stop, body, ((params, state, m.momentum), jnp.float32(jnp.nan))
+        )
+        return ManyModels({**state, "params": params}, buf, m.data_keys), loss
+
+    carry, loss = _over_models(one, carry, parallel, mesh)
+    return carry, loss
+
+
+@functools.partial(jax.jit, static_argnames=("model", "test_batch_size", "parallel", "mesh", "k"))
+def _test_many(
+    carry: ManyModels,
+    test_images: jax.Array,
+    test_labels: jax.Array,
+    *,
+    model: nn.Module,
+    test_batch_size: int,
+    parallel: str,
+    mesh: Any,
+    k: int,
+) -> jax.Array:
+    def one(m: ManyModels) -> jax.Array:
+        return accuracy(model, m.variables, test_images, test_labels, batch_size=test_batch_size)
+
+    return _per_model_rows(_over_models(one, carry, parallel, mesh), k, mesh)
+
+
+def train_and_test_chunked(
+    keys: jax.Array,
+    images: jax.Array,
+    labels: jax.Array,
+    lr: jax.Array | float,
+    test_images: jax.Array,
+    test_labels: jax.Array,
+    *,
+    model: nn.Module,
+    config: TrainConfig,
+    augment: AugmentFn | None = None,
+    test_batch_size: int = 500,
+    parallel: str = "auto",
+    mesh: jax.sharding.Mesh | None = None,
+    chunk_epochs: int = 0,
+    on_chunk: Callable[[int, int, jax.Array], None] | None = None,
+    return_variables: bool = False,
+) -> jax.Array | tuple[jax.Array, PyTree]:
+    """:func:`train_and_test_many` as a host loop over chunks of ``chunk_epochs`` passes (0: one
+    chunk), each chunk one jitted program for all K models. The result is the same, bit for
+    bit: every pass runs the same ops with the same keys, lr and momentum reset.
+
+    ``on_chunk(passes_done, passes, loss)`` is called after each chunk with ``loss`` [K], each
+    model's mean training loss in its last pass (a device array: reading it waits for the
+    chunk). ``return_variables``: also return the trained variables, stacked per model (for
+    tests)."""
+    passes = config.epochs + 1
+    chunk = passes if chunk_epochs <= 0 else int(chunk_epochs)
+    k = keys.shape[0]
+    carry = _init_many(
+        keys, model=model, image_shape=tuple(images.shape[1:]), parallel=parallel, mesh=mesh
+    )
+    lr = jnp.asarray(lr, jnp.float32)
+    for start in range(0, passes, chunk):
+        stop = min(passes, start + chunk)
+        carry, loss = _train_many(
+            carry,
+            images,
+            labels,
+            lr,
+            jnp.int32(start),
+            jnp.int32(stop),
+            model=model,
+            config=config,
+            augment=augment,
+            parallel=parallel,
+            mesh=mesh,
+        )
+        if on_chunk is not None:
+            on_chunk(stop, passes, loss if mesh is None else _rows(loss, k, mesh))
+    accs = _test_many(
+        carry,
+        test_images,
+        test_labels,
+        model=model,
+        test_batch_size=test_batch_size,
+        parallel=parallel,
+        mesh=mesh,
+        k=k,
+    )
+    return (accs, carry.variables) if return_variables else accs
+
+
+@functools.partial(jax.jit, static_argnames=("k", "mesh"))
+def _rows(x: jax.Array, k: int, mesh: Any) -> jax.Array:
+    return _per_model_rows(x, k, mesh)

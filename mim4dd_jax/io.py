@@ -10,6 +10,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Iterator, Mapping
+from io import BytesIO as _BytesIO
 from typing import IO, Any
 
 import numpy as np
@@ -191,7 +192,15 @@ class MetricWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
         if self._events is not None:
-            self._events(int(step), row["time"], dict(_scalars("", row)))
+            self._events.scalars(int(step), row["time"], dict(_scalars("", row)))
+
+    def write_image(self, step: int, tag: str, image: bytes | np.ndarray) -> None:
+        """A TensorBoard image summary (e.g. the synthetic set's grid) at ``step``, shown in
+        TensorBoard's Images tab next to the scalars. ``image``: encoded PNG bytes, or an
+        [H, W] / [H, W, C] (C in 1, 3, 4) uint8 array. Without ``tensorboard=True`` (or without
+        the tensorboard package) it does nothing."""
+        if self._events is not None:
+            self._events.image(int(step), time.time(), tag, png_bytes(image))
 
 
 def _scalars(prefix: str, value: Any) -> Iterator[tuple[str, float]]:
@@ -208,23 +217,67 @@ def _scalars(prefix: str, value: Any) -> Iterator[tuple[str, float]]:
         yield prefix, float(value)
 
 
-def _event_writer(folder: str) -> Any:
-    """A ``(step, wall_time, {tag: value}) -> None`` TensorBoard scalar writer, or None."""
+def _event_writer(folder: str) -> _EventWriter | None:
+    """A TensorBoard event writer for ``folder``, or None without the tensorboard package."""
     try:
-        from tensorboard.compat.proto import event_pb2, summary_pb2
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
     except ImportError:
         logging.warning("tensorboard is not installed: metrics go to metrics.jsonl only")
         return None
-    writer = EventFileWriter(folder)
+    return _EventWriter(EventFileWriter(folder))
 
-    def write(step: int, wall_time: float, scalars: Mapping[str, float]) -> None:
-        values = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]
+
+class _EventWriter:
+    """Scalar and image summaries through tensorboard's protos (no TensorFlow import)."""
+
+    def __init__(self, writer: Any):
+        self._writer = writer
+
+    def _add(self, step: int, wall_time: float, values: list[Any]) -> None:
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+
         summary = summary_pb2.Summary(value=values)
-        writer.add_event(event_pb2.Event(wall_time=wall_time, step=step, summary=summary))
-        writer.flush()
+        self._writer.add_event(event_pb2.Event(wall_time=wall_time, step=step, summary=summary))
+        self._writer.flush()
 
-    return write
+    def scalars(self, step: int, wall_time: float, scalars: Mapping[str, float]) -> None:
+        from tensorboard.compat.proto import summary_pb2
+
+        values = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]
+        self._add(step, wall_time, values)
+
+    def image(self, step: int, wall_time: float, tag: str, png: bytes) -> None:
+        from PIL import Image
+        from tensorboard.compat.proto import summary_pb2
+
+        with Image.open(_BytesIO(png)) as picture:
+            width, height = picture.size
+            channels = len(picture.getbands())
+        image = summary_pb2.Summary.Image(
+            height=height, width=width, colorspace=channels, encoded_image_string=png
+        )
+        self._add(step, wall_time, [summary_pb2.Summary.Value(tag=tag, image=image)])
+
+
+def png_bytes(image: bytes | np.ndarray) -> bytes:
+    """``image`` as PNG bytes: PNG bytes pass through; an [H, W] or [H, W, C] uint8 array
+    (C in 1, 3, 4) is encoded."""
+    if isinstance(image, (bytes, bytearray)):
+        if not bytes(image[:8]) == b"\x89PNG\r\n\x1a\n":
+            raise ValueError("image bytes are not a PNG")
+        return bytes(image)
+    from PIL import Image
+
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3):
+        raise ValueError(f"expected [H, W(, C)] uint8, got {array.shape} {array.dtype}")
+    if array.ndim == 3:
+        if array.shape[-1] not in (1, 3, 4):
+            raise ValueError(f"expected 1, 3 or 4 channels, got {array.shape[-1]}")
+        array = array[..., 0] if array.shape[-1] == 1 else array
+    buffer = _BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:

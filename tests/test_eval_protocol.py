@@ -55,21 +55,7 @@ def shorter_batches_by_hand(key, variables, x, y, *, model, passes, bs, lr, mome
     return {**state, "params": params}
 
 
-@pytest.mark.parametrize(
-    "norm",
-    [
-        "instance",
-        pytest.param(
-            "batch",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="inner.sgd_epochs pads the last batch with repeated images: they are "
-                "masked out of the loss but not out of BatchNorm's batch statistics (issue 12 "
-                "review; default models use instance norm)",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("norm", ["instance", "batch"])
 def test_padded_last_minibatch_trains_like_the_shorter_batch(norm):
     # 6 images in batches of 4: per epoch a full batch and one of 2 padded to 4.
     model = models.get_model("convnet", num_classes=C, width=8, depth=1, norm=norm, conv_impl="xla")

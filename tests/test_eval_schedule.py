@@ -65,6 +65,15 @@ def test_iteration_zero_is_evaluated_plotted_and_final_and_best_are_labelled(
     assert results["best"]["convnet"]["mean"] == history["convnet"][best_it]["mean"]
     assert results["num_models"] == 2 and len(results["final"]["convnet"]["all"]) == 2
 
+    # TensorBoard has the image grid of every evaluation next to the scalars.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(workdir / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    grids = events.Images("synthetic/grid")
+    assert [g.step for g in grids] == [0, 2, 3]
+    assert grids[-1].encoded_image_string == (workdir / "grid.png").read_bytes()
+
 
 def test_final_and_best_pick_the_last_and_the_highest_evaluation():
     curves = {
