@@ -172,6 +172,12 @@ def test_experts_then_mtt_with_mi_end_to_end_on_fashion_mnist(tmp_path):
         *small,
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    # The experts CLI (once for both tests: it was also run on its own before).
+    for name in ("expert_000.npz", "expert_001.npz", "meta.json", "results.json"):
+        assert (experts_dir / name).exists(), name
+    results = json.loads((experts_dir / "results.json").read_text())
+    assert (results["num"], results["epochs"]) == (2, 2)
+    assert 0 <= results["test_accuracy"]["mean"] <= 1
     r = run_cli(
         "--config=configs/fashion_mnist.py:mtt,ipc1,local",
         f"--workdir={workdir}",
