@@ -56,6 +56,8 @@ def test_iteration_zero_is_evaluated_plotted_and_final_and_best_are_labelled(
     history = io.accuracy_history(str(workdir))
     assert sorted(history["convnet"]) == [0, 2, 3]
     assert plotted[-1] == [0, 2, 3]  # accuracy.png's curve starts at the initial set
+    for it in (0, 2, 3):
+        assert (workdir / f"grid_{it:06d}.png").is_file()
     results = json.loads((workdir / "results.json").read_text())
     assert results == json.loads(json.dumps(summary))
     assert results["final"]["convnet"]["iteration"] == 3
