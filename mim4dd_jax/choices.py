@@ -12,5 +12,7 @@ INITS = ("real", "noise")
 REMAT = ("auto", "on", "off")
 # mi.networks (MTT): real features from the expert ("paired") or from the student ("shared").
 MI_NETWORKS = ("paired", "shared")
+# mi.weight_mode: lambda = mi.weight, or mi.weight * |g_base| / |g_mi| (steps_core).
+MI_WEIGHT_MODES = ("absolute", "relative")
 # coreset.features: the space herding / k-center select in.
 FEATURE_SPACES = ("pixels", "random_net", "trained_net")

@@ -306,7 +306,10 @@ def build(
     c.mesh = ml_collections.ConfigDict(
         dict(shape=(), axes=("data",), distributed="auto", shard_synthetic=False)
     )
-    # The MIM4DD term: total = base + weight * mi_loss. 0 (the default) is the pure base method.
+    # The MIM4DD term: total = base + lambda * mi_loss. 0 (the default) is the pure base method.
+    # weight_mode "absolute": lambda = weight; "relative": lambda = weight * |g_base| / |g_mi|
+    # per step on the image gradients, so weight 0.1 means "the MI term pushes the images a tenth
+    # as hard as the base loss" for every method and dataset.
     # layers=() uses every block; layer_weights=() weighs them all 1; chunk_size, k_pos, k_neg,
     # n_data = 0 mean "off" (None in mi.MIConfig). optimizer/lr train the projection heads.
     # networks: "paired" takes real features from the real-side network (MTT: the expert at
@@ -317,6 +320,7 @@ def build(
     c.mi = ml_collections.ConfigDict(
         dict(
             weight=0.0,
+            weight_mode="absolute",
             layers=(),
             estimator="infonce",
             temperature=0.07,
@@ -449,7 +453,7 @@ def _validate_distill(c: ml_collections.ConfigDict) -> None:
     """Checks the ``distill`` and ``mi`` blocks (names, ranges, MI options, DC loops)."""
     from mim4dd_jax import mi, objectives
     from mim4dd_jax import state as state_lib
-    from mim4dd_jax.choices import INITS, MI_NETWORKS, OPTIMIZERS, REMAT
+    from mim4dd_jax.choices import INITS, MI_NETWORKS, MI_WEIGHT_MODES, OPTIMIZERS, REMAT
 
     d = c.distill
     check_choice("distill.optimizer", d.optimizer, OPTIMIZERS)
@@ -492,6 +496,7 @@ def _validate_distill(c: ml_collections.ConfigDict) -> None:
     if not c.mi.weight >= 0:
         raise ConfigError(f"mi.weight must be >= 0, got {c.mi.weight!r}")
     check_choice("mi.networks", c.mi.networks, MI_NETWORKS)
+    check_choice("mi.weight_mode", c.mi.weight_mode, MI_WEIGHT_MODES)
     if not 0 <= c.mi.bank_momentum < 1:
         raise ConfigError(f"mi.bank_momentum must be in [0, 1), got {c.mi.bank_momentum!r}")
     check_choice("mtt.remat", c.mtt.remat, REMAT)

@@ -129,7 +129,7 @@ _RESUMABLE_FIELDS = (*_RUN_FIELDS, "distill.iterations", "distill.eval_every", "
 
 # Fields added after runs were already made, with the value that reproduces what those runs did:
 # a workdir whose config.json lacks such a field is the same run when the new value is this one.
-_ADDED_FIELDS = {"precision": "float32"}
+_ADDED_FIELDS = {"precision": "float32", "mi.weight_mode": "absolute"}
 
 
 def _config_fingerprint(config: Any) -> dict[str, Any]:
@@ -219,7 +219,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
 
     Resumes from the newest checkpoint in ``workdir/checkpoints`` (same config required; see
     :func:`check_same_run`). Writes ``metrics.jsonl`` and TensorBoard events (loss, base loss,
-    per-layer MI, MTT lr, skipped steps, s/iter, peak memory, compile count, accuracy rows),
+    per-layer MI, the image-gradient norms of both terms and their ratio and cosine, MTT lr, skipped steps, s/iter, peak memory, compile count, accuracy rows),
     ``distilled.npz`` (pixel space, plus a model-space copy), ``grid.png`` and
     ``grid_<iteration>.png`` at every evaluation (each ``distill.eval_every`` iterations,
     counting 0 = the initial set, and at the end), ``accuracy.png`` and ``results.json``.
@@ -336,6 +336,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                 postfix = {"loss": f"{row['loss']:.4g}"}
                 if "mi" in row:
                     postfix["mi"] = f"{float(np.sum(row['mi'])):.3g}"
+                    # How hard the MI term pushes the images, relative to the base loss.
+                    postfix["mi/base"] = f"{row['grad_ratio']:.2g}"
                 bar.set_postfix(postfix)
                 window_start, window = now, []
                 if consecutive_skips >= config.guard.max_consecutive:

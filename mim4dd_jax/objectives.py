@@ -336,14 +336,32 @@ def dm_loss_and_features(
     ipc = syn_x.shape[1]
     keys = jax.random.split(key, num_classes)
     real_x = _siamese_per_class(keys, lax.stop_gradient(real_x), dsa_strategy, dsa_params)
-    syn_x = _siamese_per_class(keys, syn_x, dsa_strategy, dsa_params)
     real_out = features_in_slices(model, variables, real_x, real_chunk)
     real_out = jax.tree.map(lax.stop_gradient, real_out)
-    syn_out = _features(model, variables, syn_x.reshape(-1, *syn_x.shape[2:]))
+    syn_out = dm_syn_features(
+        variables, syn_x, key, model=model, dsa_strategy=dsa_strategy, dsa_params=dsa_params
+    )
     mean_real = jnp.mean(real_out.embedding.reshape(num_classes, n_real, -1), axis=1)
     mean_syn = jnp.mean(syn_out.embedding.reshape(num_classes, ipc, -1), axis=1)
     loss = jnp.sum((mean_real - mean_syn) ** 2)
     return loss, MatchedFeatures(real_out, syn_out)
+
+
+def dm_syn_features(
+    variables: PyTree,
+    syn_x: jax.Array,
+    key: jax.Array,
+    *,
+    model: nn.Module,
+    dsa_strategy: str | None = None,
+    dsa_params: DSAParams = _DEFAULT_DSA,
+) -> ModelOutput:
+    """The synthetic side of :func:`dm_loss_and_features`: syn_x [C, ipc, H, W, Ch] under the
+    siamese DSA view of class c (``split(key, C)[c]``) through the network, flattened
+    class-major ([C * ipc, ...] features), differentiable w.r.t. syn_x."""
+    keys = jax.random.split(key, syn_x.shape[0])
+    syn_x = _siamese_per_class(keys, syn_x, dsa_strategy, dsa_params)
+    return _features(model, variables, syn_x.reshape(-1, *syn_x.shape[2:]))
 
 
 def dm_loss(

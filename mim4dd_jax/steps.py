@@ -2,10 +2,10 @@
 :func:`make_step`, which turns the configured method into one jitted, donated function.
 
 A builder takes a :class:`steps_core.StepContext` and returns the method's step body
-``(state, key, real_images, class_index, experts) -> (state, metrics)``; it computes the base
-loss and ends its loss in ``ctx.with_mi`` and its update in ``ctx.grad_and_update``, so the
-MIM4DD term, the optax updates, the growth mask and the numerical guard are the same for every
-method. The built-in methods live one family per module (``steps_dm``, ``steps_dc``,
+``(state, key, real_images, class_index, experts) -> (state, metrics)``; it writes the base
+loss (returning what its MI features need) and the function that gives those features, and
+hands both to ``ctx.grad_and_update``, so the MIM4DD term, its weighting and diagnostics, the
+optax updates, the growth mask and the numerical guard are the same for every method. The built-in methods live one family per module (``steps_dm``, ``steps_dc``,
 ``steps_mtt``); a new one is one more builder, registered with :func:`register`.
 """
 
@@ -125,8 +125,9 @@ def make_step(config: Any, dataset: data_lib.Dataset, mesh: Mesh | None = None) 
     class_index: ``data.class_index`` of its labels; experts (MTT only): [E, T+1, P] float32
     flattened expert trajectories (``experts.load``). The state is donated. metrics: "loss"
     (the total), "base_loss" (DC: means over the outer steps), "skipped" (1 if the numerical
-    guard rejected the update), plus "mi" [L] (nats per MI layer) when ``mi.weight > 0``;
-    DC/DSA add "base_loss_outer" [outer_loop]; MTT adds "syn_lr". Only ``dataset``'s metadata
+    guard rejected the update), "grad_norm_base" (of the image gradient), plus "mi" [L] (nats
+    per MI layer), "grad_norm_mi", "grad_cos", "grad_ratio" and "mi_lambda" when
+    ``mi.weight > 0`` (``steps_core.StepContext.grad_and_update``); DC/DSA add "base_loss_outer" [outer_loop]; MTT adds "syn_lr". Only ``dataset``'s metadata
     and label counts are read here.
 
     Sharding (``mesh``, default ``sharding.mesh_from_config(config)``): DM and DC split their

@@ -1,12 +1,15 @@
 """What every distillation step shares: the context a step builder gets, the MIM4DD term and
 the guarded optax update (written once here for all base methods), and feature helpers.
 
-- **MIM4DD add-on**: total = base + mi.weight * mi.mi_loss (= -sum_l w_l MI_l) over the blocks
-  in ``mi.layers``; real features carry no gradient. Each base method chooses which networks
-  give the real and the synthetic features (see its module). The heads have their own optax
-  optimiser and descend the same total, i.e. they maximise the MI bound. ``mi.weight == 0``
-  skips the MI code at trace time and the MI term consumes no random numbers, so the base
-  method is reproduced exactly.
+- **MIM4DD add-on**: total = base + lambda * mi.mi_loss (= -sum_l w_l MI_l) over the blocks in
+  ``mi.layers``; lambda = mi.weight ("absolute") or mi.weight * |g_base| / |g_mi| on the image
+  gradients ("relative": the weight is the ratio of the two pulls). The base method computes its
+  loss and hands over what its MI features need (``carry``); the MI term then sees the synthetic
+  images through those networks held fixed (real features carry no gradient), so the two image
+  gradients come out separately and are logged (grad_norm_base/mi, grad_cos, grad_ratio). The
+  heads have their own optax optimiser and maximise the bound. ``mi.weight == 0`` skips the MI
+  code at trace time and the MI term consumes no random numbers, so the base method is
+  reproduced exactly.
 - **Numerical guard**: a step whose loss, any gradient or any updated value is not finite,
   or whose learned MTT lr is not positive, leaves the state unchanged (metric "skipped" = 1);
   ``distill.run`` stops after ``guard.max_consecutive`` in a row.
@@ -29,18 +32,23 @@ from jax.sharding import Mesh
 from mim4dd_jax import augment as augment_lib
 from mim4dd_jax import data as data_lib
 from mim4dd_jax import mi, objectives, sharding
+from mim4dd_jax.errors import ConfigError
 from mim4dd_jax.state import State
 
 Metrics = dict[str, jax.Array]
 # A base method's step body: (state, key, real_images [N, H, W, Ch], class_index, experts or
 # None) -> (state, metrics); ``steps.make_step`` jits it and fixes the output shardings.
 BaseStep = Callable[..., tuple[State, Metrics]]
-# The loss a base method hands to StepContext.grad_and_update:
-# (learned parts, state, *args) -> (total, metrics), usually ending in StepContext.with_mi.
-LossFn = Callable[..., tuple[jax.Array, Metrics]]
+# The base loss a method hands to StepContext.grad_and_update:
+# (learned parts, state, *args) -> (base loss, (metrics, carry)); carry: the arrays its
+# MIFeaturesFn needs (networks, real batch or features, DSA key), or None without MI.
+BaseLossFn = Callable[..., tuple[jax.Array, tuple[Metrics, Any]]]
+# The method's MI features: (synthetic images [C * ipc, H, W, Ch], carry) -> (real blocks,
+# synthetic blocks), per model block [C * n_real, ...] and [C * ipc, ...], class-major.
+MIFeaturesFn = Callable[[jax.Array, Any], tuple[Sequence[jax.Array], Sequence[jax.Array]]]
 
-# Metrics key that carries the real embeddings from the loss to the memory-bank update.
-_BANK_UPDATE = "_bank_update"
+# Keeps the ratios finite when a gradient is exactly zero.
+_TINY = 1e-30
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -92,54 +100,101 @@ class StepContext:
         """
         return sharding.constrain(x, mesh=self.mesh, axis=0)
 
-    def with_mi(
+    def mi_labels(self, st: State) -> jax.Array:
+        """The synthetic side's labels for the MI positives: the class ids [C * ipc], or with
+        ``mi.mask="soft"`` and learned soft labels (MTT) their probabilities [C * ipc, C]
+        (constants: the MI term does not train the labels)."""
+        labels = st["labels"]
+        if self.config.mi.mask == "soft" and labels.ndim == 2:
+            return jax.nn.softmax(lax.stop_gradient(labels), axis=-1)
+        return self.syn_classes
+
+    def grad_and_update(
         self,
-        base: jax.Array,
-        learned: State | None,
-        st: State | None,
-        real_blocks: Sequence[jax.Array],
-        syn_blocks: Sequence[jax.Array],
-    ) -> tuple[jax.Array, Metrics]:
-        """base + weight * MI loss of the heads (and memory banks) in ``learned``/``st``.
+        base_fn: BaseLossFn,
+        st: State,
+        *args: Any,
+        mi_features: MIFeaturesFn | None = None,
+    ) -> tuple[State, Metrics]:
+        """The gradients of the base loss and of the MI term, their combination, the optax
+        updates of the learned parts, the growth mask and the numerical guard.
 
-        real_blocks: per-block features of the real batch [C * n_real, ...] (class-major);
-        syn_blocks: of the synthetic set [C * ipc, ...]. With ``mi.weight == 0`` pass
-        ``(None, None, (), ())``: the MI code is skipped at trace time."""
-        if not self.weight:
-            return base, {"base_loss": base}
-        banks = st.get("banks")
-        mi_value, aux = mi.mi_loss(
-            learned.get("heads", st["heads"]),
-            [lax.stop_gradient(real_blocks[layer]) for layer in self.layers],
-            [syn_blocks[layer] for layer in self.layers],
-            self.real_labels,
-            self.syn_classes,
-            banks=banks,
-            **self.mi_opts,
-        )
-        metrics = {"base_loss": base, "mi": aux["mi"]}
-        if banks is not None:
-            metrics[_BANK_UPDATE] = aux["real_embeddings"]
-        return base + self.weight * mi_value, metrics
-
-    def grad_and_update(self, loss_fn: LossFn, st: State, *args: Any) -> tuple[State, Metrics]:
-        """value_and_grad of ``loss_fn(learned, st, *args)`` over the learned parts, their optax
-        updates, the growth mask, and the numerical guard."""
+        ``base_fn(learned, st, *args) -> (base, (metrics, carry))``; with ``mi.weight > 0``,
+        ``mi_features(images, carry) -> (real_blocks, syn_blocks)`` gives the per-block features
+        of the real batch [C * n_real, ...] (class-major, no gradient) and of the synthetic
+        images [C * ipc, ...] through the network(s) the base loss used, held fixed (``carry``
+        arrives stop-gradient). The two image gradients are taken separately, so they can be
+        logged and weighted: ``mi.weight_mode="absolute"`` adds weight * g_mi, "relative" adds
+        lambda * g_mi with lambda = weight * |g_base| / |g_mi| (so weight is the ratio of the
+        two pulls). Only the images and the heads get MI gradient (never MTT's lr or labels).
+        Metrics: grad_norm_base, grad_norm_mi (after the weight), grad_cos (of the two image
+        gradients), grad_ratio (= grad_norm_mi / grad_norm_base) and mi_lambda.
+        """
         parts, txs, real_labels = self.parts, self.txs, self.real_labels
         learned = {name: st[name] for name in parts}
-        (total, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(learned, st, *args)
+        (base, (aux, carry)), grads = jax.value_and_grad(base_fn, has_aux=True)(learned, st, *args)
+        keep = st["trainable"].astype(jnp.float32).reshape(-1, *([1] * len(self.shape)))
+        g_base = grads["images"] * keep
+        norm_base = jnp.sqrt(jnp.sum(g_base * g_base))
+        metrics: Metrics = {"base_loss": base, **aux, "grad_norm_base": norm_base}
+        total = base
         new, opt = dict(st), dict(st["opt_state"])
-        if _BANK_UPDATE in aux:
-            aux = dict(aux)
-            new["banks"] = tuple(
-                mi.update_memory_bank(bank, z, real_labels, momentum=self.config.mi.bank_momentum)
-                for bank, z in zip(st["banks"], aux.pop(_BANK_UPDATE), strict=True)
+        if self.weight:
+            if mi_features is None:
+                raise ConfigError(
+                    f"method {self.config.method!r} does not provide MI features; valid: "
+                    "mi.weight=0 for it"
+                )
+            carry = lax.stop_gradient(carry)
+            syn_labels, banks = self.mi_labels(st), st.get("banks")
+
+            def mi_fn(mi_learned: State) -> tuple[jax.Array, dict[str, Any]]:
+                real_blocks, syn_blocks = mi_features(mi_learned["images"], carry)
+                return mi.mi_loss(
+                    mi_learned["heads"],
+                    [lax.stop_gradient(real_blocks[layer]) for layer in self.layers],
+                    [syn_blocks[layer] for layer in self.layers],
+                    real_labels,
+                    syn_labels,
+                    banks=banks,
+                    **self.mi_opts,
+                )
+
+            mi_in = {"images": learned["images"], "heads": learned["heads"]}
+            (mi_value, mi_aux), g_mi = jax.value_and_grad(mi_fn, has_aux=True)(mi_in)
+            g_mi_images = g_mi["images"] * keep
+            norm_mi = jnp.sqrt(jnp.sum(g_mi_images * g_mi_images))
+            if self.config.mi.weight_mode == "relative":
+                # The weight is a ratio of pulls; lambda is a constant of this step.
+                safe = jnp.where(norm_mi > 0, norm_mi, 1.0)
+                lam = lax.stop_gradient(jnp.where(norm_mi > 0, self.weight * norm_base / safe, 0.0))
+                head_scale = 1.0  # the heads maximise the bound itself, at their own lr
+            else:
+                lam = jnp.float32(self.weight)
+                head_scale = lam
+            grads = dict(grads)
+            grads["images"] = grads["images"] + lam * g_mi["images"]
+            grads["heads"] = jax.tree.map(lambda g: head_scale * g, g_mi["heads"])
+            total = base + lam * mi_value
+            dot = jnp.sum(g_base * g_mi_images)
+            metrics.update(
+                mi=mi_aux["mi"],
+                grad_norm_mi=lam * norm_mi,
+                grad_cos=dot / (norm_base * norm_mi + _TINY),
+                grad_ratio=lam * norm_mi / (norm_base + _TINY),
+                mi_lambda=lam,
             )
+            if banks is not None:
+                new["banks"] = tuple(
+                    mi.update_memory_bank(
+                        bank, z, real_labels, momentum=self.config.mi.bank_momentum
+                    )
+                    for bank, z in zip(banks, mi_aux["real_embeddings"], strict=True)
+                )
         for name in parts:
             updates, opt[name] = txs[name].update(grads[name], opt[name], st[name])
             new[name] = optax.apply_updates(st[name], updates)
-        keep = st["trainable"].reshape(-1, *([1] * len(self.shape)))
-        new["images"] = jnp.where(keep, new["images"], st["images"])
+        new["images"] = jnp.where(keep > 0, new["images"], st["images"])
         new["opt_state"] = opt
         # A finite gradient can still overflow into a non-finite update (a huge lr): reject it too.
         ok = jnp.isfinite(total) & _all_finite(grads) & _all_finite([new[n] for n in parts])
@@ -148,7 +203,7 @@ class StepContext:
             # never what is meant, so such a step is rejected like a non-finite one.
             ok &= new["syn_lr"] > 0
         new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, st)
-        return new, {"loss": total, **aux, "skipped": (~ok).astype(jnp.int32)}
+        return new, {"loss": total, **metrics, "skipped": (~ok).astype(jnp.int32)}
 
 
 # A step builder: StepContext -> the method's step body (registered in mim4dd_jax.steps).

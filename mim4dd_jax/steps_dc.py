@@ -100,13 +100,13 @@ def build(ctx: StepContext) -> BaseStep:
             state=state,
             real_groups=dc_groups,
         )
-        if not ctx.weight:
-            return ctx.with_mi(base, None, None, (), ())
+        return base, ({}, (variables, real_x, aug_key) if ctx.weight else None)
+
+    def mi_features(images, carry):
         # The same views dc_loss matched: class c augmented with split(aug_key, C)[c].
-        real_blocks, syn_blocks = siamese_blocks(
-            model, variables, variables, real_x, syn_x, aug_key, strategy, chunk
-        )
-        return ctx.with_mi(base, learned, st, real_blocks, syn_blocks)
+        variables, real_x, aug_key = carry
+        syn_x = ctx.by_class(images.reshape(num_classes, ipc, *shape))
+        return siamese_blocks(model, variables, variables, real_x, syn_x, aug_key, strategy, chunk)
 
     def dc_step(state: State, key: jax.Array, real_images: jax.Array, index: Any, _experts):
         outer, inner_epochs = outer_inner(config)
@@ -122,7 +122,7 @@ def build(ctx: StepContext) -> BaseStep:
                 variables, flat(real_x[:, :_BN_REAL_PER_CLASS]), model=model
             )
             st, metrics = ctx.grad_and_update(
-                loss_fn, st, variables, real_x, jax.random.fold_in(k, 1)
+                loss_fn, st, variables, real_x, jax.random.fold_in(k, 1), mi_features=mi_features
             )
             if outer > 1:
                 train = functools.partial(

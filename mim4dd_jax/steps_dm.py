@@ -2,7 +2,7 @@
 
 A fresh, frozen random network per iteration; loss = ``objectives.dm_loss_and_features`` with
 siamese DSA; one image update per iteration. With MI, the sampled network gives both the real
-and the synthetic features (on the views the base loss matched).
+and the synthetic features (on the views the base loss matched; the real ones are reused).
 
 Randomness: ``fold_in(key, 0|1|2)`` draw the real batch, the network and the DSA transforms.
 """
@@ -36,13 +36,26 @@ def build(ctx: StepContext) -> BaseStep:
             dsa_strategy=ctx.strategy,
             real_chunk=ctx.chunk,
         )
-        return ctx.with_mi(base, learned, st, feats.real.blocks, feats.syn.blocks)
+        # The MI term reuses the real features of this forward pass (constants) and recomputes
+        # the small synthetic side on the same network and views.
+        carry = (variables, feats.real.blocks, aug_key) if ctx.weight else None
+        return base, ({}, carry)
+
+    def mi_features(images, carry):
+        variables, real_blocks, aug_key = carry
+        syn_x = ctx.by_class(images.reshape(num_classes, ipc, *shape))
+        syn = objectives.dm_syn_features(
+            variables, syn_x, aug_key, model=model, dsa_strategy=ctx.strategy
+        )
+        return real_blocks, syn.blocks
 
     def dm_step(state: State, key: jax.Array, real_images: jax.Array, index: Any, _experts):
         real_key, net_key, aug_key = (jax.random.fold_in(key, i) for i in range(3))
         real_x = real_images[data_lib.sample_per_class(real_key, index, ctx.n_real)]
         real_x = ctx.by_class(real_x)
         variables = inner.init_variables(model, net_key, shape)
-        return ctx.grad_and_update(loss_fn, state, variables, real_x, aug_key)
+        return ctx.grad_and_update(
+            loss_fn, state, variables, real_x, aug_key, mi_features=mi_features
+        )
 
     return dm_step

@@ -9,9 +9,10 @@ momentum 0.5) on the lr itself. The reference does not keep it positive; here a 
 make it <= 0 is rejected by the numerical guard like a non-finite one.
 
 With MI, the synthetic features come from the student after its unroll (on all synthetic
-images) and the real ones from the expert at t + expert_epochs (on a fresh class-balanced real
-batch, the same siamese views per class). ``mi.networks = "shared"`` sends the real batch
-through the student instead.
+images; the student held fixed, so the MI gradient reaches the images only, not through the
+unroll, and never the lr or labels) and the real ones from the expert at t + expert_epochs (on
+a fresh class-balanced real batch, the same siamese views per class). ``mi.networks = "shared"``
+sends the real batch through the student instead.
 
 Randomness: ``fold_in(key, 0)`` draws the (expert, start) pairs, ``fold_in(key, 1)`` the
 student minibatches and DSA (split per pair), ``fold_in(key, 2)`` the MI real batch and
@@ -25,7 +26,6 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from mim4dd_jax import data as data_lib
 from mim4dd_jax import experts as experts_lib
@@ -91,14 +91,21 @@ def build(ctx: StepContext) -> BaseStep:
 
         losses, finals = jax.vmap(one)(starts, targets, unroll_keys)
         base = jnp.mean(losses)
-        if real_x is None:
-            total, metrics = ctx.with_mi(base, None, None, (), ())
-            return total, {**metrics, "syn_lr": lr}
-        student = jax.tree.map(lambda a: a[0], finals)
-        real_net = student if shared else unravel(targets[0])
-        real_blocks, syn_blocks = siamese_blocks(
+        carry = None
+        if real_x is not None:
+            student = jax.tree.map(lambda a: a[0], finals)
+            real_net = student if shared else unravel(targets[0])
+            carry = (student, real_net, real_x, aug_key)
+        return base, ({"syn_lr": lr}, carry)
+
+    def mi_features(images, carry):
+        # The student after its unroll is held fixed here (as DM holds its random network):
+        # the MI gradient reaches the images through their features only, never through the
+        # unroll, so MTT's learned lr and labels get none and no second backward pass is run.
+        student, real_net, real_x, aug_key = carry
+        return siamese_blocks(
             model,
-            {"params": lax.stop_gradient(real_net)},
+            {"params": real_net},
             {"params": student},
             real_x,
             images.reshape(num_classes, ipc, *shape),
@@ -106,8 +113,6 @@ def build(ctx: StepContext) -> BaseStep:
             strategy,
             ctx.chunk,
         )
-        total, metrics = ctx.with_mi(base, learned, st, real_blocks, syn_blocks)
-        return total, {**metrics, "syn_lr": lr}
 
     def mtt_step(state: State, key: jax.Array, real_images: jax.Array, index: Any, experts):
         chex.assert_rank(experts, 3)
@@ -121,6 +126,15 @@ def build(ctx: StepContext) -> BaseStep:
         if ctx.weight:
             real_x = real_images[data_lib.sample_per_class(real_key, index, n_real)]
             real_x = sharding.constrain(real_x, mesh, 0)
-        return ctx.grad_and_update(loss_fn, state, starts, targets, unroll_keys, real_x, aug_key)
+        return ctx.grad_and_update(
+            loss_fn,
+            state,
+            starts,
+            targets,
+            unroll_keys,
+            real_x,
+            aug_key,
+            mi_features=mi_features,
+        )
 
     return mtt_step

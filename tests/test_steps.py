@@ -38,16 +38,20 @@ def _toy(ctx, poison: bool = False):
         syn_x = learned["images"].reshape(ctx.num_classes, ctx.ipc, *ctx.shape)
         base = jnp.sum((real_x.mean(1) - syn_x.mean(1)) ** 2)
         base = base * jnp.nan if poison else base
+        return base, ({}, (variables, real_x))
+
+    def mi_features(images, carry):
+        variables, real_x = carry
 
         def blocks(x):
             return ctx.model.apply(variables, x.reshape(-1, *ctx.shape), features=True).blocks
 
-        return ctx.with_mi(base, learned, st, blocks(real_x), blocks(syn_x))
+        return blocks(real_x), blocks(images)
 
     def step(st, key, real_images, index, experts):
         real_x = real_images[data.sample_per_class(jax.random.fold_in(key, 0), index, ctx.n_real)]
         variables = inner.init_variables(ctx.model, jax.random.fold_in(key, 1), ctx.shape)
-        return ctx.grad_and_update(loss_fn, st, real_x, variables)
+        return ctx.grad_and_update(loss_fn, st, real_x, variables, mi_features=mi_features)
 
     return step
 
