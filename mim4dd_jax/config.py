@@ -317,6 +317,11 @@ def build(
     # unroll); "shared" passes both through the synthetic-side network. DM/DC have one network.
     # bank_slots > 0 keeps a per-class memory bank of that many real embeddings per layer
     # (updated with bank_momentum each step) whose entries join the real candidates.
+    # head: "linear" / "mlp" are trained; "none" (features standardised with the real batch's
+    # statistics) and "lda" (Fisher LDA on the real batch) are refitted every step, for networks
+    # that change every step (DM); they need critic "cosine" and bank_slots = 0.
+    # negatives (nce/nwj/js): "marginal" = every real candidate, an MI lower bound; "other_class"
+    # = different labels only, a same- vs other-class divergence, not an MI bound (see mi.py).
     c.mi = ml_collections.ConfigDict(
         dict(
             weight=0.0,
@@ -336,6 +341,7 @@ def build(
             k_pos=0,
             k_neg=0,
             n_data=0.0,
+            negatives="marginal",
             optimizer="adam",
             lr=1e-3,
             networks="paired",

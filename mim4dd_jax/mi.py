@@ -1,24 +1,43 @@
-"""Contrastive lower bounds on the mutual information between synthetic and real data.
+"""Contrastive estimates of the mutual information between synthetic and real data.
 
 This is the MI term of MIM4DD. Conventions used throughout:
 
 - **Anchors are synthetic samples (rows), candidates are real samples (columns).** A score matrix
   ``scores`` is [Ns, Nr] float32: ``scores[i, j]`` is the critic value of (syn i, real j).
 - **Pair weights.** ``positive[i, j]`` in [0, 1] is how much pair (i, j) counts as a positive
-  (same label) and ``negative[i, j] >= 0`` how much it counts as a negative. The default negative
-  weight is ``1 - positive``; a pair with both weights 0 is not a candidate at all.
+  (a draw from the joint: same label) and ``negative[i, j] >= 0`` how much it counts as a negative
+  (a draw from the product of marginals). A pair with both weights 0 is not a candidate at all.
 - **Units.** Every estimator returns the mean, over anchors that have at least one positive (and,
   where the bound needs them, one negative), of a per-anchor estimate of the mutual information in
   **nats**. The loss to minimise is its negative. Anchors without a usable pair are skipped.
 - Everything is a pure function of arrays; string/shape options are static Python values, so bind
   them with ``functools.partial`` before ``jax.jit``.
 
-The estimators (``infonce``, ``nce``, ``nwj``, ``js``; dispatcher ``estimate``) are lower bounds in
-expectation for any critic; the critic (projection heads + score function) is trained to maximise
-them, which is the "max over critics" of the variational bound. For scale, ``embedding_mi`` streams
-the scores over chunks of real candidates with online log-sum-exp accumulators (memory
-O(Ns x chunk), same result as one shot), and ``update_memory_bank`` keeps a per-class,
-momentum-updated bank of real embeddings that adds negatives without large real batches.
+**Which numbers are MI lower bounds.** The MI is that of a pair (syn, real) drawn with equal
+labels (the joint) against independent draws (the product of marginals); it is at most
+H(label) <= log K for K classes.
+
+- ``infonce``: a lower bound as is. Its denominator holds every candidate (negative = 1 -
+  positive, so positive + negative = 1 per candidate), and for any scores an anchor with N
+  candidates and P positives gets at most log(N / P).
+- ``nce``, ``nwj``, ``js``: lower bounds **only with negatives drawn from the product of
+  marginals**, i.e. every candidate, same class included, carries negative weight 1
+  (``negatives="marginal"``, the default; ``negative_weights``). With beta = 0 and no top-k they
+  then also stay below log(N / P) per anchor for any scores. With ``negatives="other_class"``
+  (only different-label candidates) they estimate a divergence between same-label and
+  different-label pairs instead: not an MI bound, and unbounded as the classes separate (it is
+  kept only for comparison with earlier runs).
+- Hard negatives (``beta``, ``k_neg``) reshape the negatives: at fixed scores beta only lowers an
+  estimate and the top-k negatives give no more than a random subset of the same size.
+
+The critic is a projection head per layer plus a score function. Trained heads ("linear",
+"mlp") realise the "max over critics" of the variational bound; "none" (standardised features)
+and "lda" (a Fisher discriminant fitted on the real batch) are refitted on the current features
+every step, for base methods whose network changes every step (DM draws a fresh one). For scale,
+``embedding_mi`` streams the scores over chunks of real candidates with online log-sum-exp
+accumulators (memory O(Ns x chunk), same result as one shot), and ``update_memory_bank`` keeps a
+per-class, momentum-updated bank of real embeddings that adds candidates without large real
+batches.
 """
 
 from __future__ import annotations
@@ -43,8 +62,14 @@ MemoryBank = dict[str, Array]
 ESTIMATORS = ("infonce", "nce", "nwj", "js")
 CRITICS = ("cosine", "bilinear")
 REDUCTIONS = ("flatten", "gap")
-HEADS = ("linear", "mlp")
+# linear / mlp: trained projection heads. none / lda: refitted on the current features every step
+# (nothing to train but the critic's scalar offset), for networks that change every step.
+HEADS = ("linear", "mlp", "none", "lda")
+FITTED_HEADS = ("none", "lda")
 MASKS = ("hard", "soft")
+# Negatives of nce/nwj/js: every candidate (product of marginals: an MI bound) or only the
+# different-label ones (a same- vs other-label divergence, no MI bound). See the module docstring.
+NEGATIVES = ("marginal", "other_class")
 
 # nwj/js exponentiate the critic. Above this value it is capped smoothly (f = cap - softplus(cap -
 # s)); that only changes the critic, and both bounds hold for every critic, so they stay bounds
@@ -67,14 +92,23 @@ class MIConfig:
     temperature: tau > 0; scores are divided by it.
     critic: "cosine" (<z_s, z_r>/tau on unit vectors) | "bilinear" (z_s^T W z_r / tau, W learned).
     reduce: per-layer feature reduction before the head, "flatten" | "gap" (global average pool).
-    head: "linear" (Dense -> l2-normalise) | "mlp" (Dense -> ReLU -> Dense -> l2-normalise).
-    embed_dim, hidden_dim: head output width and MLP hidden width.
+    head: "linear" (Dense -> l2-normalise) | "mlp" (Dense -> ReLU -> Dense -> l2-normalise), both
+      trained | "none" (features standardised with the real batch's statistics) | "lda" (Fisher
+      LDA refitted on the real batch every step); "none" and "lda" need critic "cosine".
+    embed_dim, hidden_dim: head output width and MLP hidden width (trained heads only).
     layer_weights: one weight >= 0 per layer for the weighted sum; None means 1 for every layer.
     mask: "hard" (same argmax label = positive) | "soft" (positive weight = p_syn . p_real).
+    negatives: negatives of nce/nwj/js: "marginal" (every candidate, same label included: an MI
+      lower bound) | "other_class" (different labels only: a divergence, not an MI bound).
+      infonce ignores it (its denominator holds every candidate either way).
     chunk_size: None for one-shot scores, else the number of real candidates per streamed chunk.
     beta: hard-negative concentration >= 0; 0 is the plain estimator.
     k_pos, k_neg: keep only the k hardest positives / negatives per anchor (None keeps all).
+      With marginal negatives k_neg / beta pick / tilt among all candidates, same label
+      included (the hardest draws of the marginal); for infonce among the other labels.
     n_data: M in NCE's h = e^s / (e^s + N/M); None means M = 1 (optimal critic = log ratio).
+    bank_slots: memory-bank slots per class the caller keeps (0 = none); only checked here,
+      because the fitted heads cannot use a bank (see ``layer_mi``).
     """
 
     estimator: str = "infonce"
@@ -91,6 +125,8 @@ class MIConfig:
     k_pos: int | None = None
     k_neg: int | None = None
     n_data: float | None = None
+    negatives: str = "marginal"
+    bank_slots: int = 0
 
     def __post_init__(self) -> None:
         check_choice("MI estimator", self.estimator, ESTIMATORS)
@@ -98,6 +134,7 @@ class MIConfig:
         check_choice("MI feature reduction", self.reduce, REDUCTIONS)
         check_choice("MI head", self.head, HEADS)
         check_choice("MI positive mask", self.mask, MASKS)
+        check_choice("MI negatives", self.negatives, NEGATIVES)
         _check_positive("MI temperature", self.temperature)
         _check_count("MI embed_dim", self.embed_dim)
         _check_count("MI hidden_dim", self.hidden_dim)
@@ -123,6 +160,19 @@ class MIConfig:
             raise ConfigError(
                 "MI top-k selection (k_pos/k_neg) needs mask 'hard'; valid: mask='hard' or "
                 "k_pos=k_neg=None"
+            )
+        slots = self.bank_slots
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 0:
+            raise ConfigError(f"bad MI bank_slots {self.bank_slots!r}; valid: an integer >= 0")
+        if self.head in FITTED_HEADS and self.critic != "cosine":
+            raise ConfigError(
+                f"MI head {self.head!r} has no weights for critic {self.critic!r}; valid: "
+                "critic='cosine', or head 'linear' / 'mlp'"
+            )
+        if self.head in FITTED_HEADS and self.bank_slots:
+            raise ConfigError(
+                f"MI head {self.head!r} is refitted every step, so memory-bank entries of earlier "
+                "steps live in another space; valid: bank_slots=0, or head 'linear' / 'mlp'"
             )
 
 
@@ -232,11 +282,27 @@ def positive_mask(syn_labels: Array, real_labels: Array, *, mode: str = "hard") 
       hard: 1 where the (argmax) labels agree, else 0;
       soft: p_syn_i . p_real_j, the probability that the two labels agree when drawn independently
             (equals ``hard`` for one-hot labels).
-    The matching negative weights are ``1 - positive_mask``.
+    The matching negative weights are ``negative_weights(positive_mask(...), estimator)``.
     """
     check_choice("MI positive mask", mode, MASKS)
     a, b = _label_pair(syn_labels, real_labels, mode)
     return _pair_weights(a, b)
+
+
+def negative_weights(positive: Array, estimator: str, *, negatives: str = "marginal") -> Array:
+    """The negative weights an estimator uses by default. positive: [Ns, Nr]; returns [Ns, Nr].
+
+    infonce: 1 - positive, so that its denominator holds every candidate exactly once.
+    nce / nwj / js: "marginal" -> 1 for every candidate, same label included (draws from the
+    product of marginals: an MI lower bound); "other_class" -> 1 - positive (a divergence between
+    same- and different-label pairs, not an MI bound).
+    """
+    check_choice("MI estimator", estimator, ESTIMATORS)
+    check_choice("MI negatives", negatives, NEGATIVES)
+    positive = positive.astype(jnp.float32)
+    if estimator == "infonce" or negatives == "other_class":
+        return 1.0 - positive
+    return jnp.ones_like(positive)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -381,7 +447,7 @@ def _dense_estimate(
 ) -> Array:
     chex.assert_rank(scores, 2)
     if negative is None:
-        negative = 1.0 - positive
+        negative = negative_weights(positive, name)
     chex.assert_equal_shape([scores, positive, negative])
     scores = scores.astype(jnp.float32)
     positive = jax.lax.stop_gradient(positive.astype(jnp.float32))
@@ -402,7 +468,8 @@ def infonce(scores: Array, positive: Array, negative: Array | None = None) -> Ar
       I_i = log(sum_j w_ij) + sum_j p_ij s_ij / sum_j p_ij - log sum_j w_ij e^{s_ij}.
     Every positive is among the candidates, so with 0/1 weights I_i <= log N_i (N_i = number of
     candidates of anchor i) for any scores. Returns a scalar (mean over anchors with a positive).
-    The loss is -infonce; the log N constant does not affect gradients.
+    The loss is -infonce; the log N constant does not affect gradients. With more than one
+    positive the bound is log(N_i / P_i), P_i = sum_j p_ij.
     """
     return _dense_estimate("infonce", scores, positive, negative, None)
 
@@ -416,7 +483,8 @@ def nce(
       I_i = log N + E_pos log h + N E_neg log(1 - h),
     a lower bound on the MI for every critic (it is log N plus the NCE objective, which the true
     posterior h* maximises). The CRD loss is -E_pos log h - N E_neg log(1 - h) = log N - I_i.
-    scores, positive, negative: [Ns, Nr] as in ``infonce``. Returns a scalar.
+    scores, positive: [Ns, Nr] as in ``infonce``; negative: [Ns, Nr] weights >= 0, default 1 for
+    every candidate (the product of marginals, see ``negative_weights``). Returns a scalar.
     """
     if n_data is not None:
         _check_positive("MI n_data", n_data)
@@ -428,7 +496,8 @@ def nwj(scores: Array, positive: Array, negative: Array | None = None) -> Array:
 
       I_i = E_pos f - E_neg e^{f - 1},  f = scores (softly capped at SCORE_CAP).
     A lower bound for every critic f; tight at f = 1 + log density ratio. Low bias, but its variance
-    grows like e^{MI}. scores, positive, negative: [Ns, Nr] as in ``infonce``. Returns a scalar.
+    grows like e^{MI}. scores, positive, negative: [Ns, Nr] as in ``nce`` (default negatives:
+    every candidate). Returns a scalar.
     """
     return _dense_estimate("nwj", scores, positive, negative, None)
 
@@ -440,7 +509,9 @@ def js(scores: Array, positive: Array, negative: Array | None = None) -> Array:
     which is stable and low-variance; the value is the NWJ bound at critic f + 1,
       I_i = E_pos (f + 1) - E_neg e^f,
     a lower bound for every critic, tight at f = log density ratio (which is also the optimum of
-    the JS objective). scores, positive, negative: [Ns, Nr] as in ``infonce``. Returns a scalar.
+    the JS objective). scores, positive, negative: [Ns, Nr] as in ``nce`` (default negatives:
+    every candidate). Returns a scalar. Gradient with respect to s_ij (beta = 0), per usable
+    anchor and divided by their number: p_ij sigmoid(-s_ij) / P_i - q_ij sigmoid(s_ij) / N_i.
     """
     return _dense_estimate("js", scores, positive, negative, None)
 
@@ -504,9 +575,10 @@ def select_topk(
     """Keeps, per anchor, the k_pos hardest positives (lowest scores) and the k_neg hardest
     negatives (highest scores); None keeps all of that kind.
 
-    scores, positive, negative: [Ns, Nr] (negative defaults to 1 - positive). Returns compacted
-    (scores, positive, negative), each [Ns, W] with W = (k_pos or Nr) + (k_neg or Nr), to pass
-    straight to an estimator; unused slots have weight 0. Ties go to the lower candidate index.
+    scores, positive, negative: [Ns, Nr] (negative defaults to 1 - positive, InfoNCE's; pass
+    ``negative_weights(positive, name)`` for the others). Returns compacted (scores, positive,
+    negative), each [Ns, W] with W = (k_pos or Nr) + (k_neg or Nr), to pass straight to an
+    estimator; unused slots have weight 0. Ties go to the lower candidate index.
     """
     for what, k in (("MI k_pos", k_pos), ("MI k_neg", k_neg)):
         if k is not None:
@@ -552,8 +624,9 @@ def embedding_mi(
     z_syn: [Ns, D], z_real: [Nr, D] float32; syn_labels: [Ns] int or [Ns, K]; real_labels: [Nr] int
     or [Nr, K]; critic_params: optional {"bias": [], "w": [D, D]} (see ``critic_scores``);
     real_valid: optional [Nr] mask, 0 drops a candidate (empty memory-bank slots).
-    config: MIConfig options (estimator, critic, temperature, mask, chunk_size, beta, k_pos,
-    k_neg, n_data). With ``chunk_size`` the scores are never materialised beyond [Ns, chunk_size]
+    config: MIConfig options (estimator, critic, temperature, mask, negatives, chunk_size, beta,
+    k_pos, k_neg, n_data). The labels only weigh pairs: no gradient reaches them. With
+    ``chunk_size`` the scores are never materialised beyond [Ns, chunk_size]
     (forward and backward: each chunk is recomputed in the backward pass); the result equals the
     one-shot one up to float rounding.
     """
@@ -585,13 +658,14 @@ def _embedding_mi(
     cfg: MIConfig,
 ) -> Array:
     queries, keys = _queries_keys(z_syn, z_real, cfg.critic, weight)
-    a, b = _label_pair(syn_labels, real_labels, cfg.mask)
+    # Pair weights are constants of the objective: soft (learned) labels get no gradient through
+    # them, in the one-shot and in the streamed path alike.
+    a, b = jax.lax.stop_gradient(_label_pair(syn_labels, real_labels, cfg.mask))
     if cfg.chunk_size is None:
         scores = queries @ keys.T / cfg.temperature + bias
         pair = _pair_weights(a, b)
-        s, p, q = select_topk(
-            scores, pair * valid, (1.0 - pair) * valid, k_pos=cfg.k_pos, k_neg=cfg.k_neg
-        )
+        neg = negative_weights(pair, cfg.estimator, negatives=cfg.negatives)
+        s, p, q = select_topk(scores, pair * valid, neg * valid, k_pos=cfg.k_pos, k_neg=cfg.k_neg)
         q = hard_negative_weights(s, q, cfg.beta)
         return estimate(cfg.estimator, s, p, q, n_data=cfg.n_data)
     return _streamed_mi(queries, keys, a, b, valid, bias, cfg)
@@ -635,10 +709,15 @@ def _streamed_mi(
 
     xs = (chunked(keys), chunked(real_lab), chunked(valid))
 
+    def weights(lab: Array, val: Array) -> tuple[Array, Array]:
+        # Constants, as in the one-shot path (which stops them in _dense_estimate).
+        pair = jax.lax.stop_gradient(_pair_weights(syn_lab, lab))
+        neg = negative_weights(pair, cfg.estimator, negatives=cfg.negatives)
+        return pair * val, neg * val
+
     def totals(carry: tuple[Array, Array], x: tuple[Array, Array, Array]):
-        _, lab, val = x
-        pair = _pair_weights(syn_lab, lab)
-        return (carry[0] + (pair * val).sum(-1), carry[1] + ((1.0 - pair) * val).sum(-1)), None
+        p, q = weights(*x[1:])
+        return (carry[0] + p.sum(-1), carry[1] + q.sum(-1)), None
 
     zero = jnp.zeros((rows,), jnp.float32)
     (p_total, q_total), _ = jax.lax.scan(totals, (zero, zero), xs)
@@ -655,8 +734,7 @@ def _streamed_mi(
         st, top_pos, top_neg = carry
         key_chunk, lab, val = x
         s = queries @ key_chunk.T / cfg.temperature + bias
-        pair = _pair_weights(syn_lab, lab)
-        p, q = pair * val, (1.0 - pair) * val
+        p, q = weights(lab, val)
         if cfg.k_pos is not None:
             top_pos = _topk_merge(top_pos, s, p, -s)
             p = jnp.zeros_like(p)
@@ -719,6 +797,131 @@ class ProjectionHead(nn.Module):
         return l2_normalize(nn.Dense(self.dim, name="out")(x))
 
 
+# ------------------------------------------------------------------------------------------------
+# Fitted heads: refitted on the current features every step, nothing to train
+# ------------------------------------------------------------------------------------------------
+
+# A feature's variance is floored at this fraction of the mean variance over features, so that a
+# feature constant on the real batch (a dead ReLU channel) does not blow up synthetic deviations.
+_VAR_FLOOR = 1e-4
+# Shrinkage of the within-class covariance towards (trace / D) I (the Ledoit-Wolf target), fixed:
+# it keeps the scatter invertible when D > samples and damps directions seen in few samples.
+LDA_SHRINKAGE = 0.1
+# Gram eigenvalues below this fraction of the largest are rank deficiency (float32 round-off).
+_RANK_RTOL = 1e-6
+
+
+def standardize(x_real: Array, x_syn: Array) -> tuple[Array, Array]:
+    """Standardises both sets per feature with the REAL set's mean and std.
+
+    x_real: [Nr, D], x_syn: [Ns, D]. Returns ([Nr, D], [Ns, D]) float32. The real batch is the
+    reference distribution (large; the synthetic set is small and is what moves), and removing
+    its mean cancels the component that every image shares. The statistics are constants: no
+    gradient flows through them, only through x_real and x_syn themselves.
+    """
+    chex.assert_rank([x_real, x_syn], 2)
+    chex.assert_equal_shape_suffix([x_real, x_syn], 1)
+    ref = jax.lax.stop_gradient(x_real.astype(jnp.float32))
+    mean, var = ref.mean(0), ref.var(0)
+    inv_std = jax.lax.rsqrt(var + _VAR_FLOOR * jnp.mean(var) + 1e-12)
+    x_real, x_syn = x_real.astype(jnp.float32), x_syn.astype(jnp.float32)
+    return (x_real - mean) * inv_std, (x_syn - mean) * inv_std
+
+
+def lda_projection(x: Array, labels: Array, *, shrinkage: float = LDA_SHRINKAGE) -> Array:
+    """Fisher LDA fitted on one labelled set: a projection [D, r], r = min(D, N), no gradient.
+
+    x: [N, D] (standardised) features; labels: [N] int or [N, K] (argmax). With S_w the
+    within-class covariance shrunk by ``shrinkage`` towards (tr S_w / D) I and S_b the
+    between-class covariance, the columns are the generalised eigenvectors of (S_b, S_w)
+    (S_w-whitened discriminant directions), each scaled by lambda / (1 + lambda), its share of
+    between-class variance. At most K - 1 lambdas are nonzero, so the other directions drop out
+    without K being known statically. When D > N everything lies in the span of the N centred
+    samples, so the fit runs in that span (an N x N Gram matrix): O(N^2 D + N^3), never D^3.
+    """
+    chex.assert_rank(x, 2)
+    chex.assert_rank(labels, {1, 2})
+    chex.assert_equal_shape_prefix([x, labels], 1)
+    _check_positive("LDA shrinkage", shrinkage)
+    return _lda_projection(
+        jax.lax.stop_gradient(x.astype(jnp.float32)),
+        jax.lax.stop_gradient(labels),
+        shrinkage,
+        x.shape[1] > x.shape[0],
+    )
+
+
+def _lda_projection(x: Array, labels: Array, shrinkage: float, dual: bool) -> Array:
+    n, d = x.shape
+    ids = labels if labels.ndim == 1 else jnp.argmax(labels, axis=-1)
+    same = (ids[:, None] == ids[None, :]).astype(jnp.float32)  # [N, N]; no static K needed
+    xc = x - x.mean(0)
+    if dual:
+        # Orthonormal basis of the samples' span from the Gram matrix: basis = xc^T u / sigma.
+        sig2, u = jnp.linalg.eigh(xc @ xc.T)
+        keep = sig2 > _RANK_RTOL * sig2[-1]
+        sig = jnp.sqrt(jnp.where(keep, sig2, 0.0))
+        basis = xc.T @ (u * jnp.where(keep, 1.0 / jnp.where(keep, sig, 1.0), 0.0))  # [D, N]
+        coords = u * sig  # = xc @ basis, [N, N]
+    else:
+        basis, coords = None, xc
+    means = (same @ coords) / same.sum(1, keepdims=True)  # each sample's class mean
+    within = coords - means
+    s_w = within.T @ within / n
+    s_b = means.T @ means / n  # coords are centred, so the class means are too (weighted)
+    # The target uses the full D: outside the span S_w is 0 and S_b is 0, so those directions get
+    # lambda = 0 and the span-only fit equals the full one.
+    target = jnp.trace(s_w) / d
+    s_w = (1.0 - shrinkage) * s_w + shrinkage * target * jnp.eye(s_w.shape[0])
+    evals, evecs = jnp.linalg.eigh(s_w)
+    whiten = evecs * jax.lax.rsqrt(jnp.maximum(evals, 1e-12 * evals[-1] + 1e-30))
+    lam, rot = jnp.linalg.eigh(whiten.T @ s_b @ whiten)
+    lam = jnp.maximum(lam, 0.0)
+    mix = whiten @ (rot * (lam / (1.0 + lam)))
+    return mix if basis is None else basis @ mix
+
+
+def _fitted_embeddings(
+    cfg: MIConfig, real_feat: Array, syn_feat: Array, real_labels: Array
+) -> tuple[Array, Array]:
+    """Embeddings of heads "none" / "lda": ([Nr, D'], [Ns, D']) unit vectors."""
+    x_real, x_syn = standardize(
+        reduce_features(real_feat.astype(jnp.float32), cfg.reduce),
+        reduce_features(syn_feat.astype(jnp.float32), cfg.reduce),
+    )
+    if cfg.head == "lda":
+        proj = lda_projection(x_real, real_labels)
+        x_real, x_syn = x_real @ proj, x_syn @ proj
+    return l2_normalize(x_real), l2_normalize(x_syn)
+
+
+def embed(
+    head_params: HeadParams,
+    real_feat: Array,
+    syn_feat: Array,
+    real_labels: Array,
+    **config: Any,
+) -> tuple[Array, Array]:
+    """One layer's real and synthetic features -> critic embeddings (z_real, z_syn).
+
+    real_feat: [Nr, h, w, c], syn_feat: [Ns, h, w, c] (or [N, F]); real_labels: [Nr] int or
+    [Nr, K] (used by "lda" only). Returns ([Nr, D'], [Ns, D']) float32 unit vectors, D' =
+    embed_dim for the trained heads, the reduced width for "none", min(width, Nr) for "lda".
+
+    - "linear" / "mlp": the trained ``ProjectionHead`` in ``head_params["proj"]``.
+    - "none": reduce, standardise with the real batch's statistics, l2-normalise; the cosine
+      critic then compares deviations from the real mean, not the component all images share.
+    - "lda": as "none", then project onto the real batch's Fisher discriminant directions
+      (``lda_projection``). Among linear critics it is the one that best separates the classes
+      of the current network, and it is refitted each step, so it never chases a moving network.
+    """
+    cfg = make_config(**config)
+    if cfg.head in FITTED_HEADS:
+        return _fitted_embeddings(cfg, real_feat, syn_feat, real_labels)
+    head = _head(cfg)
+    return head.apply(head_params["proj"], real_feat), head.apply(head_params["proj"], syn_feat)
+
+
 def _head(cfg: MIConfig) -> ProjectionHead:
     return ProjectionHead(
         kind=cfg.head, reduce=cfg.reduce, dim=cfg.embed_dim, hidden=cfg.hidden_dim
@@ -739,9 +942,20 @@ def init_heads(
     jax.ShapeDtypeStruct (e.g. from ``jax.eval_shape`` of the model's features). config: MIConfig
     options (head, reduce, embed_dim, hidden_dim, critic). Returns a tuple of per-layer params
     {"proj": ProjectionHead variables, "bias": [] (critic offset), "w": [D, D] (bilinear only,
-    initialised to the identity)}; all of them are trained to maximise the bound.
+    initialised to the identity)}; all of them are trained to maximise the bound. The fitted
+    heads ("none", "lda") get {"bias": []} only: their embedding is refitted every step.
     """
     cfg = make_config(**config)
+    # nwj / js exponentiate the critic, and with marginal negatives the (high-scoring) positives
+    # are among the negatives: an offset of -1/temperature starts every cosine score at <= 0, so
+    # e^f starts <= 1 instead of e^(1/tau); the offset is learned from there.
+    offset = -1.0 / cfg.temperature if cfg.estimator in ("nwj", "js") else 0.0
+
+    def bias() -> Array:  # a fresh buffer per layer: the step donates every leaf separately
+        return jnp.full((), offset, jnp.float32)
+
+    if cfg.head in FITTED_HEADS:
+        return tuple({"bias": bias()} for _ in feature_shapes)
     head = _head(cfg)
     params = []
     for layer, shape in enumerate(feature_shapes):
@@ -749,7 +963,7 @@ def init_heads(
         dummy = jnp.zeros((1,) + shape[1:], jnp.float32)
         layer_params: HeadParams = {
             "proj": _init_head(head, jax.random.fold_in(key, layer), dummy),
-            "bias": jnp.zeros((), jnp.float32),
+            "bias": bias(),
         }
         if cfg.critic == "bilinear":
             layer_params["w"] = jnp.eye(cfg.embed_dim, dtype=jnp.float32)
@@ -844,13 +1058,18 @@ def layer_mi(
 ) -> tuple[Array, Array]:
     """MI estimate (nats, scalar) for one layer, and the real embeddings [Nr, D] (no gradient).
 
-    real_feat: [Nr, h, w, c], syn_feat: [Ns, h, w, c]; labels as in ``embedding_mi``; bank: an
-    optional memory bank whose filled slots join the real candidates (constants: no gradient).
+    real_feat: [Nr, h, w, c], syn_feat: [Ns, h, w, c]; labels as in ``embedding_mi`` (the real
+    ones also fit head "lda"); bank: an optional memory bank whose filled slots join the real
+    candidates (constants: no gradient). The fitted heads refuse a bank (ConfigError): its
+    entries were embedded by earlier steps' fits, in another space. Embeddings: see ``embed``.
     """
     cfg = make_config(**config)
-    head = _head(cfg)
-    z_real = head.apply(head_params["proj"], real_feat)
-    z_syn = head.apply(head_params["proj"], syn_feat)
+    if bank is not None and cfg.head in FITTED_HEADS:
+        raise ConfigError(
+            f"MI head {cfg.head!r} is refitted every step and cannot use a memory bank; valid: "
+            "bank=None, or head 'linear' / 'mlp'"
+        )
+    z_real, z_syn = embed(head_params, real_feat, syn_feat, real_labels, **config)
     candidates, labels, valid = z_real, real_labels, None
     if bank is not None:
         bank_z, bank_labels, bank_valid = bank_candidates(bank)
@@ -884,7 +1103,8 @@ def mi_loss(
     per layer; config: MIConfig options. Returns (loss scalar, aux) with aux = {"mi": [L] per-layer
     estimates in nats, "real_embeddings": per-layer [Nr, D] (no gradient), for
     ``update_memory_bank``}. Use with ``jax.value_and_grad(..., has_aux=True)``: the distiller
-    minimises the loss over the images, the heads minimise it over their own params.
+    minimises the loss over the images, the heads minimise it over their own params (for the
+    fitted heads "none" / "lda" that is the critic offset only).
     """
     cfg = make_config(**config)
     n_layers = len(head_params)

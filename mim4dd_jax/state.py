@@ -55,6 +55,8 @@ _MI_FIELDS = (
     "k_pos",
     "k_neg",
     "n_data",
+    "negatives",
+    "bank_slots",
 )
 _ZERO_IS_NONE = ("chunk_size", "k_pos", "k_neg", "n_data", "layer_weights")
 

@@ -1,6 +1,7 @@
 """Tests for mim4dd_jax.mi: bounds, numerics, heads, streaming, memory bank, pair selection."""
 
 import functools
+import itertools
 import math
 
 import jax
@@ -66,7 +67,12 @@ GAUSSIAN_CASES = [(0.5, 0.5, 0, 0), (0.8, 0, 0, 0), (0.6, 0.6, 0.6, 0.6), (0.9, 
 @pytest.fixture(scope="module")
 def gaussian_estimates():
     """Per case and estimator: (mean, standard error) over 8 batches of N=1024 pairs, using each
-    estimator's optimal critic: log r for infonce / nce (M=1) / js, 1 + log r for nwj."""
+    estimator's optimal critic: log r for infonce / nce (M=1) / js, 1 + log r for nwj.
+
+    Each pair is its own class, and nce/nwj/js take their default (marginal) negatives: every
+    candidate, the diagonal included. Those are draws from (1 - 1/N) p(x)p(y) + p(x, y)/N; the
+    KL from the joint to that mixture is <= the MI (convexity), so the bounds still hold, and the
+    tightness of nwj loses only about E_joint[r] / N <= 0.03 nats here."""
     n, batches = 1024, 8
 
     @jax.jit
@@ -135,7 +141,7 @@ def test_trained_heads_estimate_rises_with_rho():
     assert est[-1] > 1.0 and abs(est[0]) < 0.1, est
 
 
-# ---- bounds that hold for any scores ------------------------------------------------------------
+# ---- bounds that hold for any scores -------------------------------------------------------------
 
 
 def test_infonce_never_exceeds_log_n_random():
@@ -180,7 +186,216 @@ def test_infonce_never_exceeds_log_n_adversarial():
     assert value > math.log(n) - 0.05  # the ascent really pushed towards the ceiling
 
 
-# ---- numerics and gradients ---------------------------------------------------------------------
+# ---- marginal negatives: MI bounds below log K ---------------------------------------------------
+
+
+def _separable(arrangement, k=10, ns_per=2, nr_per=5):
+    """K perfectly separated classes: one-hot class vectors (orthogonal) or a centred simplex
+    (cosine -1/(K-1) between classes). Returns (z_syn, z_real, y_syn, y_real)."""
+    ys, yr = jnp.repeat(jnp.arange(k), ns_per), jnp.repeat(jnp.arange(k), nr_per)
+    e = jnp.eye(k)
+    if arrangement == "simplex":
+        e = e - e.mean(0)
+    return e[ys], e[yr], ys, yr
+
+
+@pytest.mark.parametrize("arrangement", ["onehot", "simplex"])
+def test_separable_classes_every_estimator_stays_below_log_k(arrangement):
+    k = 10
+    zs, zr, ys, yr = _separable(arrangement, k)
+    biases = jnp.linspace(-20.0, 20.0, 81)  # includes the critic offset that suits each estimator
+    cases = list(itertools.product(ESTIMATORS, mi.NEGATIVES, (None, 7)))
+
+    @jax.jit
+    def estimates(b):
+        def one(name, negatives, chunk):
+            def f(bias):
+                return mi.embedding_mi(
+                    zs,
+                    zr,
+                    ys,
+                    yr,
+                    estimator=name,
+                    temperature=0.07,
+                    negatives=negatives,
+                    chunk_size=chunk,
+                    critic_params={"bias": bias},
+                )
+
+            return jax.vmap(f)(b)
+
+        return [one(*case) for case in cases]
+
+    vals = dict(zip(cases, (np.asarray(v) for v in estimates(biases)), strict=True))
+    for (name, negatives, chunk), v in vals.items():
+        np.testing.assert_allclose(v, vals[name, negatives, None], rtol=1e-4, atol=1e-4)
+        if negatives == "marginal" or name == "infonce":  # infonce ignores `negatives`
+            assert v.max() <= math.log(k) + 1e-4, (name, negatives, chunk, v.max())
+    # At their best offset nwj and js reach log K: with separated classes the bound is tight.
+    for name in ("nwj", "js"):
+        assert vals[name, "marginal", None].max() > math.log(k) - 0.01
+    # The other-class divergence is no MI bound: far above log K (14-16 nats here).
+    for name in ("nce", "nwj", "js"):
+        assert vals[name, "other_class", None].max() > math.log(k) + 1.0
+
+
+def test_marginal_estimates_never_exceed_log_n_over_p():
+    """With marginal negatives (beta = 0, no top-k) no scores lift an anchor above log(N / P):
+    each positive adds at most max_f [f / P - e^(f-1) / N] = log(N / P) / P (nwj; js is nwj at
+    f + 1; nce's h in (0, 1) gives less). Random scores, then scores pushed up by gradient
+    ascent."""
+    ns, nr, trials = 6, 40, 24
+    k = _keys(11, 4)
+    scale = jnp.repeat(jnp.array([0.1, 10.0, 1e4]), trials // 3)[:, None, None]
+    scores = scale * jax.random.normal(k[0], (trials, ns, nr))
+    pos = jax.random.bernoulli(k[1], 0.3, (trials, ns, nr)).astype(jnp.float32)
+    pos = pos.at[:, :, 0].set(1.0)
+    # Fewer candidates for some anchors: columns past a random count weigh 0 on both sides.
+    keep = (jnp.arange(nr) < jax.random.randint(k[2], (trials, ns, 1), 2, nr + 1)).astype(
+        jnp.float32
+    )
+    pos = pos * keep
+    ceiling = np.log(np.asarray(keep.sum(-1) / pos.sum(-1))).mean(-1)  # [trials]
+    for name in ESTIMATORS:
+        fn = jax.jit(jax.vmap(lambda s, p, q, name=name: mi.estimate(name, s, p, q)))
+        values = fn(scores, pos, mi.negative_weights(pos, name) * keep)
+        assert np.all(np.asarray(values) <= ceiling + 1e-5), name
+
+    # Adversarial: ascend each estimator's own gradient on the scores themselves.
+    p0, q0 = pos[0], mi.negative_weights(pos[0], "nwj") * keep[0]
+    opt = optax.adam(0.3)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def ascend(name, s):
+        def step(carry, _):
+            s, state = carry
+            grad = jax.grad(lambda s: -mi.estimate(name, s, p0, q0))(s)
+            updates, state = opt.update(grad, state)
+            return (optax.apply_updates(s, updates), state), None
+
+        (s, _), _ = jax.lax.scan(step, (s, opt.init(s)), None, length=300)
+        return mi.estimate(name, s, p0, q0)
+
+    for name in ("nce", "nwj", "js"):
+        value = float(ascend(name, jax.random.normal(k[3], (ns, nr))))
+        assert value <= ceiling[0] + 1e-5, (name, value, ceiling[0])
+        if name != "nce":  # nwj and js (JS gradient, NWJ value) do reach the ceiling
+            assert value > ceiling[0] - 0.05, (name, value, ceiling[0])
+
+
+# ---- exact values on a hand-written problem ------------------------------------------------------
+
+# Scores of 4 synthetic anchors (rows) against 5 real candidates (columns). Real labels 0 0 1 1 1
+# and synthetic labels 0 1 1 2: rows with 2, 3, 3 and no positives (the last one is skipped).
+HAND_SCORES = np.array(
+    [
+        [2.0, -1.0, 0.5, 1.5, -0.2],
+        [0.3, 1.2, -0.7, 2.2, 0.9],
+        [-1.5, 0.8, 1.1, 0.0, -0.4],
+        [1.0, 1.0, 1.0, 1.0, 1.0],
+    ],
+    np.float32,
+)
+HAND_YR, HAND_YS = np.array([0, 0, 1, 1, 1]), np.array([0, 1, 1, 2])
+HAND_POS = (HAND_YS[:, None] == HAND_YR[None, :]).astype(np.float32)
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _by_hand(name, s, p, q, n_data=None):
+    """The docstrings' per-anchor formulas in float64; the mean over anchors with a positive."""
+    out = []
+    for s_i, p_i, q_i in zip(s.astype(np.float64), p, q, strict=True):
+        n_p, n = p_i.sum(), q_i.sum()
+        if n_p == 0:
+            continue
+        pos_mean = (p_i * s_i).sum() / n_p
+        if name == "infonce":  # every candidate once: w = p + q
+            w = p_i + q_i
+            out.append(np.log(w.sum()) + pos_mean - np.log((w * np.exp(s_i)).sum()))
+        elif name == "nce":  # h = e^s / (e^s + N / M)
+            h = _sigmoid(s_i - np.log(n / (n_data or 1.0)))
+            pos_log_h = (p_i * np.log(h)).sum() / n_p
+            out.append(np.log(n) + pos_log_h + n * (q_i * np.log(1 - h)).sum() / n)
+        elif name == "nwj":
+            out.append(pos_mean - (q_i * np.exp(s_i - 1)).sum() / n)
+        else:  # js: the nwj value at f + 1
+            out.append(pos_mean + 1 - (q_i * np.exp(s_i)).sum() / n)
+    return np.mean(out)
+
+
+@pytest.mark.parametrize("negatives", mi.NEGATIVES)
+def test_exact_values_on_a_hand_written_matrix(negatives):
+    # Through the embedding path too: a bilinear critic with W = I on z_real = I, tau = 1 scores
+    # exactly HAND_SCORES; labels give the positives.
+    zs, zr = jnp.asarray(HAND_SCORES), jnp.eye(5)
+    for name, n_data in [(e, None) for e in ESTIMATORS] + [("nce", 2.5)]:
+        other = name == "infonce" or negatives == "other_class"
+        q = 1 - HAND_POS if other else np.ones_like(HAND_POS)
+        want = _by_hand(name, HAND_SCORES, HAND_POS, q, n_data)
+        dense = mi.estimate(name, jnp.asarray(HAND_SCORES), jnp.asarray(HAND_POS), q, n_data=n_data)
+        np.testing.assert_allclose(dense, want, rtol=1e-5, err_msg=name)
+        if negatives == "marginal":  # the default negatives are the marginal ones
+            default = mi.estimate(name, jnp.asarray(HAND_SCORES), HAND_POS, n_data=n_data)
+            np.testing.assert_allclose(default, want, rtol=1e-5, err_msg=name)
+        for chunk in (None, 2):
+            got = mi.embedding_mi(
+                zs,
+                zr,
+                jnp.asarray(HAND_YS),
+                jnp.asarray(HAND_YR),
+                estimator=name,
+                critic="bilinear",
+                temperature=1.0,
+                negatives=negatives,
+                n_data=n_data,
+                chunk_size=chunk,
+            )
+            np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=f"{name} chunk {chunk}")
+
+
+@pytest.mark.parametrize("negatives", mi.NEGATIVES)
+def test_js_gradient_has_its_closed_form(negatives):
+    """d js / d s_ij = [p_ij sigmoid(-s_ij) / P_i - q_ij sigmoid(s_ij) / N_i] / A, A = number of
+    anchors with a positive: the JS objective's gradient, for plain and hard-negative weights."""
+    s, p = HAND_SCORES, HAND_POS
+    q = mi.negative_weights(jnp.asarray(p), "js", negatives=negatives)
+    for beta in (0.0, 1.0):
+        weights = np.asarray(mi.hard_negative_weights(jnp.asarray(s), q, beta))
+        grad = jax.grad(lambda x, w=weights: mi.js(x, p, w))(jnp.asarray(s))
+        n_p, n = p.sum(1, keepdims=True), weights.sum(1, keepdims=True)
+        anchors = n_p > 0
+        want = (
+            np.where(
+                anchors,
+                p * _sigmoid(-s) / np.where(anchors, n_p, 1) - weights * _sigmoid(s) / n,
+                0.0,
+            )
+            / anchors.sum()
+        )
+        np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("estimator", ["infonce", "nce"])
+def test_soft_labels_get_no_gradient_through_the_pair_weights(estimator):
+    zs, zr, _, yr = _random_problem(6, ns=9, nr=23)
+    logits = jax.random.normal(jax.random.PRNGKey(9), (9, 3))
+    for chunk in (None, 5):
+
+        def f(lg, chunk=chunk):
+            soft = jax.nn.softmax(lg)
+            return mi.embedding_mi(
+                zs, zr, soft, yr, mask="soft", estimator=estimator, chunk_size=chunk
+            )
+
+        value, grad = jax.value_and_grad(f)(logits)
+        assert float(jnp.abs(grad).max()) == 0.0, chunk
+        assert abs(float(f(2.0 * logits)) - float(value)) > 1e-4  # the labels do weigh the pairs
+
+
+# ---- numerics and gradients ----------------------------------------------------------------------
 
 
 def _grads_for_every_estimator(params, real, syn, real_labels, syn_labels, **cfg):
@@ -221,27 +436,31 @@ def test_huge_scores_give_finite_values_and_gradients(estimator):
     k = _keys(3, 2)
     scores = 1e4 * jax.random.normal(k[0], (9, 40))
     pos = jax.random.bernoulli(k[1], 0.3, (9, 40)).astype(jnp.float32).at[:, 0].set(1.0)
-    for beta in (0.0, 2.0):
+    for beta, neg in itertools.product((0.0, 2.0), (1 - pos, jnp.ones_like(pos))):
         value, grad = jax.value_and_grad(
-            lambda s, b=beta: mi.estimate(
-                estimator, s, pos, mi.hard_negative_weights(s, 1 - pos, b)
+            lambda s, b=beta, q=neg: mi.estimate(
+                estimator, s, pos, mi.hard_negative_weights(s, q, b)
             )
         )(scores)
         assert np.isfinite(float(value))
         assert np.all(np.isfinite(grad)) and float(jnp.abs(grad).max()) > 0
 
 
-# ---- streaming, vmap, permutation, jit ----------------------------------------------------------
+# ---- streaming, vmap, permutation, jit -----------------------------------------------------------
 
 
 # Streamed negatives (plain, or tilted by beta) with top-k positives, streamed positives with
-# top-k negatives, or both selected. 37 real candidates in chunks of 8: 4 full and a padded one.
+# top-k negatives, or both selected; nce/nwj/js with their default (marginal) negatives and with
+# the other-class ones. 37 real candidates in chunks of 8: 4 full and a padded one.
 CHUNK_CASES = [
     ("infonce", {}),
     ("infonce", dict(beta=0.7, k_pos=2)),
-    ("nce", dict(beta=0.7, k_neg=5)),
+    ("nce", dict(beta=0.7, k_neg=5, n_data=3.0)),
+    ("nce", dict(negatives="other_class", beta=0.7, k_neg=5)),
     ("nwj", dict(beta=0.7, k_pos=2)),
-    ("js", dict(k_neg=50, k_pos=1)),  # k_neg above the number of negatives: empty slots
+    ("nwj", dict(negatives="other_class", k_neg=4)),
+    ("js", dict(k_neg=50, k_pos=1)),  # k_neg above the number of candidates: empty slots
+    ("js", dict(negatives="other_class", beta=0.3)),
 ]
 
 
@@ -309,6 +528,7 @@ def test_every_public_function_jits():
     params = mi.init_heads(jax.random.PRNGKey(0), [(1, 8)], **cfg)
     soft = jax.nn.softmax(zs[:, :3])
     P = functools.partial
+
     cases = [
         (mi.l2_normalize, (zs,)),
         (P(mi.critic_scores, critic="bilinear", temperature=0.3), (zs, zr)),
@@ -320,6 +540,9 @@ def test_every_public_function_jits():
         (P(mi.estimate, "nwj"), (scores, pos)),
         (P(mi.hard_negative_weights, beta=1.0), (scores, 1 - pos)),
         (P(mi.select_topk, k_pos=2, k_neg=3), (scores, pos)),
+        (P(mi.negative_weights, estimator="nwj"), (pos,)),
+        (mi.standardize, (zr, zs)),
+        (P(mi.embed, head="none", reduce="flatten"), ({}, zr, zs, yr)),
         (P(mi.reduce_features, mode="gap"), (zs.reshape(12, 2, 2, 2),)),
         (mi.ProjectionHead(kind="mlp", dim=8, hidden=16).init, (jax.random.PRNGKey(0), zs)),
         (lambda k: mi.init_heads(k, [(1, 8)], **cfg), (jax.random.PRNGKey(1),)),
@@ -342,7 +565,7 @@ def test_every_public_function_jits():
             np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
 
-# ---- pair selection -----------------------------------------------------------------------------
+# ---- pair selection ------------------------------------------------------------------------------
 
 
 def _selection_problem(seed=0, ns=8, nr=50):
@@ -353,14 +576,16 @@ def _selection_problem(seed=0, ns=8, nr=50):
     return scores, mi.positive_mask(labels_s, labels_r)
 
 
+@pytest.mark.parametrize("negatives", mi.NEGATIVES)
 @pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_hard_negative_weighting_never_raises_the_estimate(estimator):
+def test_hard_negative_weighting_never_raises_the_estimate(estimator, negatives):
     scores, pos = _selection_problem()
+    neg = mi.negative_weights(pos, estimator, negatives=negatives)
     values = [
-        float(mi.estimate(estimator, scores, pos, mi.hard_negative_weights(scores, 1 - pos, b)))
+        float(mi.estimate(estimator, scores, pos, mi.hard_negative_weights(scores, neg, b)))
         for b in (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
     ]
-    assert values[0] == float(mi.estimate(estimator, scores, pos))  # beta = 0: plain estimator
+    assert values[0] == float(mi.estimate(estimator, scores, pos, neg))  # beta = 0: plain
     assert all(b <= a + 1e-5 * abs(a) for a, b in zip(values, values[1:], strict=False)), values
     assert values[-1] < values[0] - 1e-3  # and it does something
 
@@ -404,8 +629,8 @@ def test_topk_ceiling_and_no_op():
     perfect = jnp.where(pos > 0, 1e4, -1e4)  # the ceiling is reached by a perfect critic
     s, p, q = mi.select_topk(perfect, pos, k_pos=1, k_neg=k_neg)
     np.testing.assert_allclose(mi.infonce(s, p, q), math.log(1 + k_neg), rtol=1e-6)
-    # k at least the counts: no selection at all.
-    s, p, q = mi.select_topk(scores, pos, k_pos=50, k_neg=50)
+    # k at least the counts: no selection at all (nce's default negatives: every candidate).
+    s, p, q = mi.select_topk(scores, pos, mi.negative_weights(pos, "nce"), k_pos=50, k_neg=50)
     np.testing.assert_allclose(mi.nce(s, p, q), mi.nce(scores, pos), rtol=1e-6)
 
 
@@ -420,21 +645,152 @@ def _random_subset(weights, seed, k):
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_topk_is_never_above_random_subsets(estimator):
     scores, pos = _selection_problem()
-    neg = 1 - pos
+    neg = mi.negative_weights(pos, estimator)  # nce/nwj/js: every candidate, same label included
     # Hardest negatives: the largest negative term among all k-subsets.
-    hard = float(mi.estimate(estimator, *mi.select_topk(scores, pos, k_neg=6)))
+    hard = float(mi.estimate(estimator, *mi.select_topk(scores, pos, neg, k_neg=6)))
     for seed in range(3):
         rand = float(mi.estimate(estimator, scores, pos, _random_subset(neg, seed, 6)))
         assert hard <= rand + 1e-5 * abs(rand), (hard, rand)
     # Hardest positives: the smallest positive term (InfoNCE: only for a single positive).
     k_pos = 1 if estimator == "infonce" else 3
-    hard = float(mi.estimate(estimator, *mi.select_topk(scores, pos, k_pos=k_pos)))
+    hard = float(mi.estimate(estimator, *mi.select_topk(scores, pos, neg, k_pos=k_pos)))
     for seed in range(3):
         rand = float(mi.estimate(estimator, scores, _random_subset(pos, seed, k_pos), neg))
         assert hard <= rand + 1e-5 * abs(rand), (hard, rand)
 
 
-# ---- memory bank --------------------------------------------------------------------------------
+# ---- fitted heads: "none" and "lda" --------------------------------------------------------------
+
+
+def _common_component_problem(seed=0, classes=3, n_real=30, n_syn=4, dim=16):
+    """Features c + small class signal + noise: every raw feature vector is nearly parallel to the
+    shared component c (like pooled features after instance norm + ReLU).
+    Returns (real [90, 16], syn [12, 16], y_real, y_syn)."""
+    k = _keys(seed, 4)
+    common = 20.0 + jax.random.uniform(k[0], (dim,))
+    centres = 0.5 * jax.random.normal(k[1], (classes, dim))
+    yr, ys = jnp.repeat(jnp.arange(classes), n_real), jnp.repeat(jnp.arange(classes), n_syn)
+    real = common + centres[yr] + 0.1 * jax.random.normal(k[2], (yr.shape[0], dim))
+    syn = common + centres[ys] + 0.1 * jax.random.normal(k[3], (ys.shape[0], dim))
+    return real, syn, yr, ys
+
+
+def test_fitted_heads_cancel_the_common_component():
+    real, syn, yr, ys = _common_component_problem()
+    unit = mi.l2_normalize(real)
+    assert float((unit @ unit.T).min()) > 0.998  # the set-up: raw features all but parallel
+    raw = float(mi.embedding_mi(syn, real, ys, yr))  # plain cosine of the raw features
+    est = {
+        head: float(mi.layer_mi({"bias": jnp.zeros(())}, real, syn, yr, ys, head=head)[0])
+        for head in mi.FITTED_HEADS
+    }
+    assert raw < 0.05, raw  # cosine/tau is ~1/tau for every pair: no information left
+    assert est["none"] > raw + 0.5, (est, raw)  # measured: 1.01 vs 0.007
+    assert est["none"] - 1e-6 <= est["lda"] <= math.log(3) + 1e-5, est  # measured: 1.098
+
+
+@pytest.mark.parametrize("head", mi.FITTED_HEADS)
+def test_fitted_heads_gradient_skips_the_fitted_statistics(head):
+    """The gradient reaches both feature sets, as if the real batch's mean / std (and the LDA
+    projection) were constants: compared with the same computation on numpy constants."""
+    real, syn, yr, ys = _common_component_problem(1)
+    real, syn = real.reshape(-1, 2, 2, 4), syn.reshape(-1, 2, 2, 4)  # flattened back by "flatten"
+    cfg = dict(head=head, reduce="flatten", estimator="nce", temperature=0.2)
+    bias = jnp.asarray(0.3)
+    flat = np.asarray(real, np.float64).reshape(real.shape[0], -1)
+    var = flat.var(0)
+    mean, inv_std = flat.mean(0), 1.0 / np.sqrt(var + mi._VAR_FLOOR * var.mean() + 1e-12)
+    proj = np.eye(flat.shape[1])
+    if head == "lda":
+        proj = np.asarray(mi.lda_projection(jnp.asarray((flat - mean) * inv_std), yr))
+
+    def by_hand(r, s):
+        def z(x):
+            x = (x.reshape(x.shape[0], -1) - mean.astype(np.float32)) * inv_std.astype(np.float32)
+            return mi.l2_normalize(x @ proj.astype(np.float32))
+
+        return mi.embedding_mi(z(s), z(r), ys, yr, critic_params={"bias": bias}, **cfg)
+
+    def library(r, s):
+        return mi.layer_mi({"bias": bias}, r, s, yr, ys, **cfg)[0]
+
+    v1, g1 = jax.value_and_grad(library, (0, 1))(real, syn)
+    v2, g2 = jax.value_and_grad(by_hand, (0, 1))(real, syn)
+    np.testing.assert_allclose(v1, v2, rtol=1e-5)
+    for a, b in zip(g1, g2, strict=True):
+        assert np.all(np.isfinite(a)) and float(jnp.abs(a).max()) > 0
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6 * float(jnp.abs(b).max()))
+
+
+def test_lda_dual_equals_primal_and_keeps_at_most_k_minus_1_directions():
+    n, d, classes = 24, 40, 4
+    k = _keys(12, 3)
+    labels = jnp.arange(n) % classes
+    x = jax.random.normal(k[0], (n, d)) + 2.0 * jax.random.normal(k[1], (classes, d))[labels]
+    probe = jax.random.normal(k[2], (7, d))  # points off the samples' span too
+    dual = mi.lda_projection(x, labels)  # D > N: fitted in the span of the samples
+    primal = mi._lda_projection(x, labels, mi.LDA_SHRINKAGE, False)
+    assert dual.shape == (d, n) and primal.shape == (d, d)
+    for pts in (x, probe):
+        a, b = pts @ dual, pts @ primal  # the critic only sees inner products
+        gram_a, gram_b = np.asarray(a @ a.T), np.asarray(b @ b.T)
+        np.testing.assert_allclose(gram_a, gram_b, rtol=1e-3, atol=1e-3 * np.abs(gram_b).max())
+    sv = np.linalg.svd(np.asarray(primal), compute_uv=False)
+    assert np.sum(sv > 1e-3 * sv[0]) == classes - 1, sv[:6]
+    one_hot = jax.nn.one_hot(labels, classes)  # [N, K] labels: the argmax
+    np.testing.assert_allclose(mi.lda_projection(x, one_hot), dual, rtol=1e-6)
+    grad = jax.grad(lambda x: jnp.sum(mi.lda_projection(x, labels)))(x)
+    assert float(jnp.abs(grad).max()) == 0.0  # a fitted constant
+    # Under jit (float32 eigh: agreement to ~1e-4; directions are defined up to sign).
+    jitted = jax.jit(mi.lda_projection)(x, labels)
+    np.testing.assert_allclose(jitted @ jitted.T, dual @ dual.T, rtol=1e-3, atol=1e-5)
+
+
+def test_fitted_heads_have_only_a_critic_offset():
+    real, syn, yr, ys = _feats(3)
+    shapes = [f.shape for f in real]
+    for head in mi.FITTED_HEADS:
+        cfg = dict(head=head, estimator="nwj", temperature=0.5)
+        params = mi.init_heads(jax.random.PRNGKey(0), shapes, **cfg)
+        assert [set(p) for p in params] == [{"bias"}] * len(shapes)
+        assert float(params[0]["bias"]) == -2.0  # nwj starts at -1/temperature: scores <= 0
+        (loss, aux), grads = jax.jit(
+            jax.value_and_grad(
+                lambda p, cfg=cfg: mi.mi_loss(p, real, syn, yr, ys, **cfg), has_aux=True
+            )
+        )(params)
+        assert np.isfinite(float(loss)) and aux["mi"].shape == (len(shapes),)
+        assert all(float(jnp.abs(g["bias"])) > 0 for g in grads)
+        opt = optax.adam(1e-2)  # the state's optimiser works on them as on trained heads
+        updates, _ = opt.update(grads, opt.init(params), params)
+        assert optax.apply_updates(params, updates)[0]["bias"] != params[0]["bias"]
+        width = {"none": (4 * 4 * 3,), "lda": (yr.shape[0],)}[head]  # flatten: 48 > N = 20
+        z_real, z_syn = mi.embed(params[0], real[0], syn[0], yr, reduce="flatten", **cfg)
+        assert z_real.shape == (yr.shape[0], *width) and z_syn.shape == (ys.shape[0], *width)
+    # infonce is shift-invariant, so its offset stays 0.
+    assert float(mi.init_heads(jax.random.PRNGKey(0), shapes, head="none")[0]["bias"]) == 0.0
+    # Every leaf its own buffer: the distillation step donates the heads.
+    donate = jax.jit(lambda p: jax.tree.map(lambda x: x + 1, p), donate_argnums=0)
+    for head in ("linear", "none"):
+        donate(mi.init_heads(jax.random.PRNGKey(0), shapes, head=head, estimator="js"))
+
+
+def test_fitted_heads_refuse_a_memory_bank_at_config_time():
+    from mim4dd_jax import config as config_lib
+
+    for head in mi.FITTED_HEADS:
+        with pytest.raises(ConfigError, match="bank"):
+            mi.make_config(head=head, bank_slots=2)
+        c = config_lib.build({"name": "fake"}, "dm,ipc1")
+        for dotted, value in {"mi.weight": 0.5, "mi.head": head, "mi.bank_slots": 2}.items():
+            config_lib.set_dotted(c, dotted, value)
+        with pytest.raises(ConfigError, match="bank"):
+            config_lib.validate(c)
+        config_lib.set_dotted(c, "mi.bank_slots", 0)
+        config_lib.validate(c)  # the same config without a bank is fine
+
+
+# ---- memory bank ---------------------------------------------------------------------------------
 
 
 def test_memory_bank_update_is_pure_and_momentum_exact():
@@ -492,7 +848,7 @@ def test_memory_bank_adds_negatives_as_constant_candidates():
     assert float(jnp.abs(grad).max()) == 0.0
 
 
-# ---- scores, masks, heads -----------------------------------------------------------------------
+# ---- scores, masks, heads ------------------------------------------------------------------------
 
 
 def test_positive_mask_hard_soft_and_similarity():
@@ -549,7 +905,7 @@ def test_layer_weights_make_a_weighted_sum(two_layer_problem):
     assert [z.shape for z in aux["real_embeddings"]] == [(yr.shape[0], 128)] * 2
 
 
-# ---- configuration errors -----------------------------------------------------------------------
+# ---- configuration errors ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -570,6 +926,11 @@ def test_layer_weights_make_a_weighted_sum(two_layer_problem):
         dict(layer_weights=(1.0, -1.0)),
         dict(mask="soft", k_neg=3),
         dict(temprature=0.1),
+        dict(negatives="random"),
+        dict(bank_slots=-1),
+        dict(bank_slots=True),
+        dict(head="none", critic="bilinear"),
+        dict(head="lda", bank_slots=4),
     ],
 )
 def test_bad_config_raises_config_error(two_layer_problem, bad):
@@ -593,6 +954,17 @@ def test_bad_arguments_raise_config_error(two_layer_problem):
         lambda: mi.mi_loss(params, real, syn, yr, ys, layer_weights=(1.0,)),
         lambda: mi.mi_loss(params[:1], real, syn, yr, ys),
         lambda: mi.positive_mask(ys, yr, mode="cosine"),
+        lambda: mi.negative_weights(pos, "nce", negatives="all"),
+        lambda: mi.lda_projection(scores, jnp.arange(scores.shape[0]), shrinkage=0.0),
+        lambda: mi.layer_mi(
+            {"bias": jnp.zeros(())},
+            real[0],
+            syn[0],
+            yr,
+            ys,
+            bank=mi.init_memory_bank(3, 2, 3),
+            head="none",
+        ),
     ]
     for call in calls:
         with pytest.raises(ConfigError):
