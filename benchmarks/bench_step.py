@@ -47,9 +47,10 @@ weight gradient (skipped when the weights are not differentiated). Hence, with F
   the C*ipc synthetic images, (3F - f_0) each.
 - MTT: num_trajectories * syn_steps * batch_syn * 9F; remat adds 3F per image and step of
   recomputation, which is NOT counted (so remat on/off are compared on the same useful work).
-- MI term (mi.weight > 0): DM reuses the features (no extra); DC adds C*n_real*F + C*ipc*2F; MTT
-  adds C*n_real*F (expert on a real batch) + C*ipc*3F (student on the synthetic set, gradients
-  flow to the images and back into the unroll, whose backward pass is shared).
+- MI term (mi.weight > 0; its image gradient is taken apart from the base's, through the
+  networks held fixed): DM reuses the real features and adds C*ipc*2F (the synthetic side
+  again); DC adds C*n_real*F + C*ipc*2F; MTT adds C*n_real*F (expert on a real batch) +
+  C*ipc*2F (the final student on the synthetic set; nothing flows back into the unroll).
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ def step_flops(spec: dict, config, n_real: int) -> tuple[float, float]:
     if method == "dm":
         flops = c * n_real * big_f + c * ipc * 2 * big_f
         images = c * (n_real + ipc)
+        if mi_on:  # the synthetic side again, for the separately taken MI image gradient
+            flops += c * ipc * 2 * big_f
+            images += c * ipc
     elif method in ("dc", "dsa"):
         outer, inner_ep = spec["outer"], spec["inner"]
         per_outer = c * n_real * train + c * ipc * 9 * big_f
@@ -116,7 +120,7 @@ def step_flops(spec: dict, config, n_real: int) -> tuple[float, float]:
         flops = k * config.mtt.syn_steps * batch * 9 * big_f
         images = k * config.mtt.syn_steps * batch
         if mi_on:
-            flops += c * n_real * big_f + c * ipc * 3 * big_f
+            flops += c * n_real * big_f + c * ipc * 2 * big_f
             images += c * (n_real + ipc)
         return flops, images
     return flops, images

@@ -189,6 +189,18 @@ def load_study(path: str, runs_root: str | None = None) -> Study:
     )
 
 
+def only_patterns(cells: Sequence[Cell], values: Sequence[str]) -> list[str]:
+    """The globs of the ``--only`` values: each value whole when it matches a cell (grid cell
+    names hold commas), else its comma-separated parts."""
+    patterns = []
+    for value in values:
+        if any(fnmatch.fnmatchcase(c.name, value) for c in cells):
+            patterns.append(value)
+        else:
+            patterns += [p for p in value.split(",") if p]
+    return patterns
+
+
 def select(cells: Sequence[Cell], patterns: Sequence[str]) -> list[Cell]:
     """The cells whose name matches any glob in ``patterns`` (all when empty)."""
     if not patterns:
@@ -329,12 +341,57 @@ def collect(study: Study, cell: Cell, seed: int) -> dict[str, Any]:
         "peak_rss_bytes": max(rss) if rss else None,
         "wall_s": _runner_record(workdir)["wall_s"] or None,
         "last_metrics": scalars,
+        "trace": trace(rows),
         "results": results,
         "config": config,
     }
     os.makedirs(os.path.dirname(result_path(study, cell, seed)), exist_ok=True)
     io.write_json(result_path(study, cell, seed), record, indent=1, sort_keys=True)
     return record
+
+
+# Per logged step, what the MI diagnostics plot and table need (a few KB per run).
+TRACE_FIELDS = (
+    "loss",
+    "base_loss",
+    "mi",
+    "grad_norm_base",
+    "grad_norm_mi",
+    "grad_cos",
+    "grad_ratio",
+    "mi_lambda",
+    "syn_lr",
+    "s_per_iter",
+)
+
+
+def trace(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The training rows of metrics.jsonl (those with a loss), cut to TRACE_FIELDS + step."""
+    return [
+        {"step": r["step"], **{k: r[k] for k in TRACE_FIELDS if k in r}}
+        for r in rows
+        if "loss" in r
+    ]
+
+
+def add_traces(study: Study, cells: Sequence[Cell]) -> int:
+    """Adds the trace to committed results that lack one, from their workdirs (all else kept,
+    the commit included). Returns how many were updated."""
+    updated = 0
+    for cell in cells:
+        for seed in cell.seeds:
+            path = result_path(study, cell, seed)
+            metrics = os.path.join(workdir_of(study, cell, seed), "metrics.jsonl")
+            if not (os.path.isfile(path) and os.path.isfile(metrics)):
+                continue
+            with open(path) as f:
+                record = json.load(f)
+            if record.get("trace"):
+                continue
+            record["trace"] = trace(io.read_metrics(metrics))
+            io.write_json(path, record, indent=1, sort_keys=True)
+            updated += 1
+    return updated
 
 
 def _commit() -> str | None:
@@ -610,6 +667,82 @@ def plot(study: Study, results: Mapping[tuple[str, int], Mapping[str, Any]], pat
     plt.close(fig)
 
 
+def diagnostics_frame(study: Study, results: Mapping[tuple[str, int], Mapping[str, Any]]):
+    """Per cell with an MI term: the mean over logged steps (and seeds) of grad_ratio, grad_cos
+    and mi_lambda, and the MI estimate (nats, summed over layers) at the first and last log."""
+    import pandas as pd
+
+    rows = []
+    for cell in study.cells:
+        traces = [
+            results[(cell.name, s)].get("trace") or []
+            for s in cell.seeds
+            if (cell.name, s) in results
+        ]
+        traces = [t for t in traces if t and "mi" in t[-1]]
+        if not traces:
+            continue
+        steps = [r for t in traces for r in t]
+        rows.append(
+            {
+                "cell": cell.name,
+                "seeds": len(traces),
+                "grad_ratio": _mean_of(steps, "grad_ratio"),
+                "grad_cos": _mean_of(steps, "grad_cos"),
+                "mi_lambda": _mean_of(steps, "mi_lambda"),
+                "mi_first": sum(sum(t[0]["mi"]) for t in traces) / len(traces),
+                "mi_last": sum(sum(t[-1]["mi"]) for t in traces) / len(traces),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _mean_of(rows: Sequence[Mapping[str, Any]], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows)
+
+
+def plot_diagnostics(
+    study: Study, results: Mapping[tuple[str, int], Mapping[str, Any]], path: str
+) -> bool:
+    """MI estimate (summed over layers), grad_cos and mi_lambda against the step, one line per
+    cell with an MI term (seed mean). False (nothing written) when no cell has one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import numpy as np
+    from matplotlib import pyplot as plt
+
+    panels = (("mi", "MI estimate (nats, sum over layers)"), ("grad_cos", "cos(g_base, g_mi)"))
+    panels += (("mi_lambda", "lambda"),)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    drawn = False
+    for cell in study.cells:
+        traces = [
+            results[(cell.name, s)].get("trace") or []
+            for s in cell.seeds
+            if (cell.name, s) in results
+        ]
+        traces = [t for t in traces if t and "mi" in t[-1]]
+        if not traces:
+            continue
+        steps = sorted(set.intersection(*({r["step"] for r in t} for t in traces)))
+        for ax, (key, label) in zip(axes, panels, strict=True):
+            by_step = [{r["step"]: r[key] for r in t} for t in traces]
+            values = np.array([[np.sum(b[s]) for s in steps] for b in by_step]).mean(0)
+            ax.plot(steps, values, label=cell.name)
+            ax.set_xlabel("iteration")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        drawn = True
+    if drawn:
+        axes[2].set_yscale("log")
+        axes[0].legend(fontsize=7)
+        with io.atomic_write(path) as f:
+            fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return drawn
+
+
 def report(study: Study) -> str:
     """Writes table.md, table.csv, paired.csv and accuracy.png under the study's runs folder;
     returns the markdown."""
@@ -625,6 +758,19 @@ def report(study: Study) -> str:
     with io.atomic_write(os.path.join(study.runs_dir, "paired.csv"), "w") as f:
         diffs.to_csv(f, index=False)
     plot(study, results, os.path.join(study.runs_dir, "accuracy.png"))
+    diag = diagnostics_frame(study, results)
+    if len(diag):
+        plot_diagnostics(study, results, os.path.join(study.runs_dir, "diagnostics.png"))
+        text += "\n### MI term diagnostics (mean over logged steps)\n\n"
+        text += "| cell | seeds | grad_ratio | grad_cos | lambda | MI first | MI last |\n"
+        text += "|---|---|---|---|---|---|---|\n"
+        for r in diag.to_dict("records"):
+            text += (
+                f"| {r['cell']} | {r['seeds']} | {r['grad_ratio']:.3g} | {r['grad_cos']:+.3f} | "
+                f"{r['mi_lambda']:.3g} | {r['mi_first']:.3f} | {r['mi_last']:.3f} |\n"
+            )
+        with io.atomic_write(os.path.join(study.runs_dir, "table.md"), "w") as f:
+            f.write(text)
     return text
 
 
@@ -634,16 +780,27 @@ def report(study: Study) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("study", help="a study file (TOML)")
-    parser.add_argument("--only", default="", help="comma-separated globs of cell names")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        help="a glob of cell names (repeat for more); a value that matches no cell whole is "
+        "split at commas, so 'dm_*,dc_*' works and grid names (which hold commas) match too",
+    )
     parser.add_argument("--report", action="store_true", help="only write the tables")
     parser.add_argument("--list", action="store_true", help="print the plan and what is done")
     parser.add_argument("--runs_root", default=None, help="default: runs/study")
     parser.add_argument("--max_runs", type=int, default=None, help="stop after N run.py runs")
     parser.add_argument("--quiet", action="store_true", help="run.py's stderr to /dev/null")
+    parser.add_argument(
+        "--add_traces",
+        action="store_true",
+        help="add the per-step diagnostics trace to committed results made without one",
+    )
     args = parser.parse_args(argv)
     try:
         study = load_study(args.study, args.runs_root)
-        cells = select(study.cells, [p for p in args.only.split(",") if p])
+        cells = select(study.cells, only_patterns(study.cells, args.only))
     except StudyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -654,8 +811,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 state = "done" if done else "todo"
                 print(f"{state}  {cell.name} seed {seed}: {' '.join(command(cell, seed, '…')[2:])}")
         return 0
+    if args.add_traces:
+        print(f"[{study.name}] traces added to {add_traces(study, cells)} results", flush=True)
     failures = (
-        [] if args.report else run_study(study, cells, quiet=args.quiet, max_runs=args.max_runs)
+        []
+        if args.report or args.add_traces
+        else run_study(study, cells, quiet=args.quiet, max_runs=args.max_runs)
     )
     print(report(study))
     print(f"[{study.name}] tables: {os.path.relpath(study.runs_dir, ROOT)}/", flush=True)

@@ -1,0 +1,145 @@
+"""The study runner's selection and MI diagnostics (benchmarks/study.py), without running run.py:
+grid cell names (which hold commas) can be selected with --only, the per-step trace keeps the
+diagnostics fields, --add_traces fills old results without touching their commit, and the
+report gains an MI diagnostics table and plot computed from the traces."""
+
+import json
+import os
+import sys
+
+import pytest
+from helpers import ROOT
+
+sys.path.insert(0, ROOT)
+from benchmarks import study as study_lib  # noqa: E402
+
+STUDY = """
+config = "configs/fashion_mnist.py"
+seeds = [0, 1]
+compare = ["mi.weight"]
+[[cells]]
+name = "base"
+arg = "dm,ipc1"
+[cells.overrides]
+"mi.weight" = 0.0
+[[grids]]
+name = "g"
+arg = "dm,ipc1"
+[grids.axes]
+"mi.head" = ["linear", "none"]
+"mi.weight" = [0.3]
+"""
+
+
+@pytest.fixture
+def study(tmp_path):
+    folder = tmp_path / "studies" / "s"
+    folder.mkdir(parents=True)
+    (folder / "study.toml").write_text(STUDY)
+    return study_lib.load_study(str(folder / "study.toml"), str(tmp_path / "runs"))
+
+
+def metrics_rows(mi_scale):
+    """Three logged training rows (and an evaluation row, which the trace drops)."""
+    rows = []
+    for step in (10, 20, 30):
+        row = {"step": step, "loss": 1.0, "base_loss": 1.0, "grad_norm_base": 2.0}
+        if mi_scale:
+            row.update(
+                mi=[0.1 * mi_scale * step, 0.2],
+                grad_norm_mi=0.6,
+                grad_ratio=0.3,
+                grad_cos=0.01 * step,
+                mi_lambda=100.0 / step,
+            )
+        rows.append(row)
+    rows.append({"step": 30, "accuracy": {"convnet": {"mean": 0.5}}})
+    return rows
+
+
+def test_only_selects_grid_cells_whose_names_hold_commas(study):
+    names = [c.name for c in study.cells]
+    assert names == ["base", "g-mi.head=linear,mi.weight=0.3", "g-mi.head=none,mi.weight=0.3"]
+    pick = lambda *values: [  # noqa: E731
+        c.name for c in study_lib.select(study.cells, study_lib.only_patterns(study.cells, values))
+    ]
+    assert pick("g-mi.head=none,mi.weight=0.3") == ["g-mi.head=none,mi.weight=0.3"]
+    assert pick("base,g-*linear*") == ["base", "g-mi.head=linear,mi.weight=0.3"]  # legacy commas
+    assert pick("base", "g-mi.head=none*") == ["base", "g-mi.head=none,mi.weight=0.3"]
+    with pytest.raises(study_lib.StudyError, match="matches no cell"):
+        pick("nothing")
+
+
+def test_trace_keeps_the_training_rows_and_the_diagnostics():
+    trace = study_lib.trace(metrics_rows(1.0))
+    assert [r["step"] for r in trace] == [10, 20, 30]
+    assert trace[0] == {
+        "step": 10,
+        "loss": 1.0,
+        "base_loss": 1.0,
+        "grad_norm_base": 2.0,
+        "mi": [1.0, 0.2],
+        "grad_norm_mi": 0.6,
+        "grad_ratio": 0.3,
+        "grad_cos": 0.1,
+        "mi_lambda": 10.0,
+    }
+
+
+def write_result(study, cell, seed, record, metrics=None):
+    path = study_lib.result_path(study, cell, seed)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f)
+    if metrics is not None:
+        workdir = study_lib.workdir_of(study, cell, seed)
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in metrics)
+    return path
+
+
+def test_add_traces_fills_old_results_and_keeps_their_commit(study):
+    base, linear, none = study.cells
+    old = {"commit": "abc123", "final": {}, "best": {}}
+    path = write_result(study, linear, 0, old, metrics_rows(1.0))
+    write_result(study, linear, 1, {**old, "trace": [{"step": 1, "loss": 0.0}]}, metrics_rows(1.0))
+    write_result(study, none, 0, old)  # no workdir: left alone
+    assert study_lib.add_traces(study, study.cells) == 1
+    with open(path) as f:
+        record = json.load(f)
+    assert record["commit"] == "abc123" and len(record["trace"]) == 3
+    assert study_lib.add_traces(study, study.cells) == 0  # idempotent
+
+
+def test_report_has_the_mi_diagnostics_table_and_plot(study):
+    base, linear, none = study.cells
+
+    def record(seed, mi_scale):
+        acc = {"convnet": {"mean": 0.7 + 0.01 * seed, "std": 0.0, "all": [0.7], "iteration": 30}}
+        return {
+            "final": acc,
+            "best": acc,
+            "evaluations": {"convnet": [{"iteration": 30, "mean": 0.7, "std": 0.0}]},
+            "iterations": 30,
+            "num_models": 1,
+            "trace": study_lib.trace(metrics_rows(mi_scale)),
+        }
+
+    for seed in (0, 1):
+        write_result(study, base, seed, record(seed, 0.0))
+        write_result(study, linear, seed, record(seed, 1.0 + seed))
+    results = study_lib.load_results(study)
+    diag = study_lib.diagnostics_frame(study, results).to_dict("records")
+    assert [r["cell"] for r in diag] == [linear.name]  # the base has no MI term
+    (row,) = diag
+    assert row["seeds"] == 2
+    assert row["grad_ratio"] == pytest.approx(0.3)
+    assert row["grad_cos"] == pytest.approx(0.2)  # mean of 0.1, 0.2, 0.3
+    assert row["mi_lambda"] == pytest.approx((10 + 5 + 100 / 30) / 3)
+    # MI summed over layers, seed mean: first log 0.1*1*10+0.2 and 0.1*2*10+0.2.
+    assert row["mi_first"] == pytest.approx((1.2 + 2.2) / 2)
+    assert row["mi_last"] == pytest.approx((3.2 + 6.2) / 2)
+    text = study_lib.report(study)
+    assert "MI term diagnostics" in text and linear.name in text.split("MI term diagnostics")[1]
+    assert os.path.getsize(os.path.join(study.runs_dir, "diagnostics.png")) > 1000
