@@ -674,12 +674,7 @@ def diagnostics_frame(study: Study, results: Mapping[tuple[str, int], Mapping[st
 
     rows = []
     for cell in study.cells:
-        traces = [
-            results[(cell.name, s)].get("trace") or []
-            for s in cell.seeds
-            if (cell.name, s) in results
-        ]
-        traces = [t for t in traces if t and "mi" in t[-1]]
+        traces = _mi_traces(cell, results)
         if not traces:
             continue
         steps = [r for t in traces for r in t]
@@ -695,6 +690,16 @@ def diagnostics_frame(study: Study, results: Mapping[tuple[str, int], Mapping[st
             }
         )
     return pd.DataFrame(rows)
+
+
+def _mi_traces(
+    cell: Cell, results: Mapping[tuple[str, int], Mapping[str, Any]]
+) -> list[list[dict[str, Any]]]:
+    """The traces of the cell's collected seeds that log an MI term."""
+    traces = [
+        results[(cell.name, s)].get("trace") or [] for s in cell.seeds if (cell.name, s) in results
+    ]
+    return [t for t in traces if t and "mi" in t[-1]]
 
 
 def _mean_of(rows: Sequence[Mapping[str, Any]], key: str) -> float:
@@ -717,12 +722,7 @@ def plot_diagnostics(
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     drawn = False
     for cell in study.cells:
-        traces = [
-            results[(cell.name, s)].get("trace") or []
-            for s in cell.seeds
-            if (cell.name, s) in results
-        ]
-        traces = [t for t in traces if t and "mi" in t[-1]]
+        traces = _mi_traces(cell, results)
         if not traces:
             continue
         steps = sorted(set.intersection(*({r["step"] for r in t} for t in traces)))
