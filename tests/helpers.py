@@ -20,10 +20,15 @@ def cli_env() -> dict[str, str]:
 def run_cli(*args: str, cwd: str = ROOT, **kwargs) -> subprocess.CompletedProcess:
     """Runs ``python run.py ARGS`` on the CPU; returns the completed process (text output).
     ``kwargs`` go to ``subprocess.run`` (e.g. ``user=``)."""
+    env = cli_env()
+    if "user" in kwargs:
+        # Another user cannot read this session's compilation cache (tests/conftest.py); jax
+        # would warn about it on stderr.
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
     return subprocess.run(
         cli_command(*args),
         cwd=cwd,
-        env=cli_env(),
+        env=env,
         **kwargs,
         capture_output=True,
         text=True,
@@ -64,6 +69,17 @@ def fake_dataset(num_classes: int = 3, per_class: int = 12, hw: int = 8):
         std=np.ones(1, np.float32),
         zca=None,
     )
+
+
+def write_fake_npz(path, num_classes: int = 3, per_class: int = 12, hw: int = 8, scale: float = 50):
+    """:func:`fake_dataset` as an npz in [0, 255] uint8 pixels (``data.source=npz``; the test
+    split is the train split); returns ``str(path)``."""
+    import numpy as np
+
+    ds = fake_dataset(num_classes, per_class, hw)
+    x = np.clip((ds.train_images + 1) * scale, 0, 255).astype(np.uint8)
+    np.savez(path, x_train=x, y_train=ds.train_labels, x_test=x, y_test=ds.train_labels)
+    return str(path)
 
 
 def tiny_config(arg: str, **overrides):

@@ -9,7 +9,7 @@ import signal
 import jax
 import numpy as np
 import pytest
-from helpers import fake_dataset, tiny_config
+from helpers import tiny_config
 
 from mim4dd_jax import distill
 from mim4dd_jax.errors import ConfigError
@@ -17,20 +17,10 @@ from mim4dd_jax.errors import ConfigError
 C, HW = 3, 8
 
 
-@pytest.fixture(scope="module")
-def npz_path(tmp_path_factory):
-    """The fake dataset as an npz in [0, 255] pixels (the source run.py reads)."""
-    ds = fake_dataset(C, 12, HW)
-    x = np.clip((ds.train_images + 1) * 50, 0, 255).astype(np.uint8)
-    path = tmp_path_factory.mktemp("data") / "fake.npz"
-    np.savez(path, x_train=x, y_train=ds.train_labels, x_test=x, y_test=ds.train_labels)
-    return str(path)
-
-
-def config_for(npz_path, ipc, **overrides):
+def config_for(fake_npz, ipc, **overrides):
     fields = {
         "data.source": "npz",
-        "data.path": npz_path,
+        "data.path": fake_npz,
         "distill.iterations": 5,
         "distill.checkpoint_every": 2,
         "distill.eval_every": 4,
@@ -67,9 +57,9 @@ def read(path):
         return f.read()
 
 
-def test_sigterm_checkpoints_and_the_restart_gives_identical_bytes(npz_path, tmp_path, monkeypatch):
+def test_sigterm_checkpoints_and_the_restart_gives_identical_bytes(fake_npz, tmp_path, monkeypatch):
     # Evaluated at the end only: the schedule is tests/test_eval_schedule.py's business.
-    config = config_for(npz_path, 2, **{"mi.weight": 0.1, "distill.eval_every": 0})
+    config = config_for(fake_npz, 2, **{"mi.weight": 0.1, "distill.eval_every": 0})
     distill.run(config, str(tmp_path / "straight"))
 
     interrupt_at(monkeypatch, 2)  # iteration 2: not a checkpoint step, the handler saves one
@@ -97,7 +87,7 @@ def test_sigterm_checkpoints_and_the_restart_gives_identical_bytes(npz_path, tmp
     with pytest.raises(ConfigError, match="distill.lr=1.0, not 0.5"):
         distill.run(
             config_for(
-                npz_path, 2, **{"mi.weight": 0.1, "distill.eval_every": 0, "distill.lr": 0.5}
+                fake_npz, 2, **{"mi.weight": 0.1, "distill.eval_every": 0, "distill.lr": 0.5}
             ),
             str(a),
         )
@@ -108,18 +98,18 @@ def test_sigterm_checkpoints_and_the_restart_gives_identical_bytes(npz_path, tmp
     ):
         with pytest.raises(ConfigError, match=message):
             distill.run(
-                config_for(npz_path, 2, **{"mi.weight": 0.1, "distill.eval_every": 0, **change}),
+                config_for(fake_npz, 2, **{"mi.weight": 0.1, "distill.eval_every": 0, **change}),
                 str(a),
             )
     assert read(a / "distilled.npz") == before
 
 
-def test_growth_keeps_the_loaded_images_bit_identical(npz_path, tmp_path):
+def test_growth_keeps_the_loaded_images_bit_identical(fake_npz, tmp_path):
     small = tmp_path / "ipc1"
-    distill.run(config_for(npz_path, 1, **{"distill.iterations": 2}), str(small))
+    distill.run(config_for(fake_npz, 1, **{"distill.iterations": 2}), str(small))
     grown = tmp_path / "ipc3"
     config = config_for(
-        npz_path,
+        fake_npz,
         3,
         **{"distill.iterations": 2, "distill.init_from": str(small / "distilled.npz")},
     )
@@ -150,9 +140,9 @@ def _dataset_of(config):
         ({"images": np.zeros((3, HW, HW, 1)), "labels": np.arange(3) + 5}, "outside 0..2"),
     ],
 )
-def test_bad_init_file_is_one_clear_error(npz_path, tmp_path, bad, message):
+def test_bad_init_file_is_one_clear_error(fake_npz, tmp_path, bad, message):
     path = tmp_path / "init.npz"
     np.savez(path, **bad)
-    config = config_for(npz_path, 1, **{"distill.init_from": str(path)})
+    config = config_for(fake_npz, 1, **{"distill.init_from": str(path)})
     with pytest.raises(ConfigError, match=message):
         distill.read_init(str(path), _dataset_of(config), config)

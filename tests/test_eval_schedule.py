@@ -4,28 +4,17 @@ run does not evaluate again an iteration it has already logged."""
 
 import json
 
-import numpy as np
-import pytest
-from helpers import fake_dataset, tiny_config
+from helpers import tiny_config
 
 from mim4dd_jax import distill, evaluate, io
 
 C, HW = 3, 8
 
 
-@pytest.fixture(scope="module")
-def npz_path(tmp_path_factory):
-    ds = fake_dataset(C, 12, HW)
-    x = np.clip((ds.train_images + 1) * 50, 0, 255).astype(np.uint8)
-    path = tmp_path_factory.mktemp("data") / "fake.npz"
-    np.savez(path, x_train=x, y_train=ds.train_labels, x_test=x, y_test=ds.train_labels)
-    return str(path)
-
-
-def config_for(npz_path, **overrides):
+def config_for(fake_npz, **overrides):
     fields = {
         "data.source": "npz",
-        "data.path": npz_path,
+        "data.path": fake_npz,
         "distill.iterations": 3,
         "distill.eval_every": 2,
         "distill.checkpoint_every": 1,
@@ -38,7 +27,7 @@ def config_for(npz_path, **overrides):
 
 
 def test_iteration_zero_is_evaluated_plotted_and_final_and_best_are_labelled(
-    npz_path, tmp_path, monkeypatch
+    fake_npz, tmp_path, monkeypatch
 ):
     plotted = []
     import matplotlib.axes
@@ -51,7 +40,7 @@ def test_iteration_zero_is_evaluated_plotted_and_final_and_best_are_labelled(
 
     monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", spy)
     workdir = tmp_path / "run"
-    summary = distill.run(config_for(npz_path), str(workdir))
+    summary = distill.run(config_for(fake_npz), str(workdir))
 
     history = io.accuracy_history(str(workdir))
     assert sorted(history["convnet"]) == [0, 2, 3]
@@ -90,8 +79,8 @@ def test_final_and_best_pick_the_last_and_the_highest_evaluation():
     assert out["best"]["convnet"] == {"mean": 0.8, "std": 0.1, "all": [0.8], "iteration": 10}
 
 
-def test_a_resumed_run_does_not_evaluate_a_logged_iteration_again(npz_path, tmp_path, monkeypatch):
-    config = config_for(npz_path, **{"distill.iterations": 2, "distill.eval_every": 2})
+def test_a_resumed_run_does_not_evaluate_a_logged_iteration_again(fake_npz, tmp_path, monkeypatch):
+    config = config_for(fake_npz, **{"distill.iterations": 2, "distill.eval_every": 2})
     workdir = str(tmp_path / "run")
     distill.run(config, workdir)  # evaluates 0 and 2
     calls = []
@@ -104,6 +93,6 @@ def test_a_resumed_run_does_not_evaluate_a_logged_iteration_again(npz_path, tmp_
     monkeypatch.setattr(distill.evaluate_lib, "evaluate_from_config", counting)
     # Continue the finished run to 4 iterations: it resumes at 2 (evaluated already, at the
     # end of the first run), so only iteration 4 is evaluated.
-    distill.run(config_for(npz_path, **{"distill.iterations": 4}), workdir)
+    distill.run(config_for(fake_npz, **{"distill.iterations": 4}), workdir)
     assert len(calls) == 1
     assert sorted(io.accuracy_history(workdir)["convnet"]) == [0, 2, 4]

@@ -154,6 +154,21 @@ class _TinyMTT:
         walk = 0.01 * jax.random.normal(jax.random.key(2), (2, 3, p0.size))
         first = jnp.broadcast_to(p0, (2, 1, p0.size))
         self.trajectories = jnp.concatenate([first, p0 + jnp.cumsum(walk, axis=1)], axis=1)
+        # One program for every lr_grad call (the calls differ only in their inputs).
+        self._lr_grad = jax.jit(jax.grad(self._loss))
+
+    def _loss(self, lr, images, start, target, unroll_key):
+        final = objectives.student_unroll(
+            start,
+            images,
+            objectives.class_labels(C, IPC),
+            lr,
+            jax.random.split(unroll_key, 1)[0],
+            model=self.model,
+            syn_steps=3,
+            batch_syn=4,
+        )
+        return objectives.mtt_loss(final, start, target)
 
     def lr_grad(self, images, lr, key):
         """d loss / d lr of one MTT step at (images, lr) for step key ``key``."""
@@ -162,21 +177,8 @@ class _TinyMTT:
         t = jax.random.randint(jax.random.fold_in(pair_key, 1), (1,), 0, 2)[0]
         start = self.unravel(self.trajectories[e, t])
         target = self.unravel(self.trajectories[e, t + 1])
-
-        def loss(lr):
-            final = objectives.student_unroll(
-                start,
-                jnp.asarray(images),
-                objectives.class_labels(C, IPC),
-                lr,
-                jax.random.split(unroll_key, 1)[0],
-                model=self.model,
-                syn_steps=3,
-                batch_syn=4,
-            )
-            return objectives.mtt_loss(final, start, target)
-
-        return float(jax.grad(loss)(jnp.float32(lr)))
+        grad = self._lr_grad(jnp.float32(lr), jnp.asarray(images), start, target, unroll_key)
+        return float(grad)
 
     def step(self, config):
         step = distill.make_step(config, self.dataset)

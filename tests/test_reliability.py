@@ -189,22 +189,12 @@ def test_non_finite_step_leaves_the_state_unchanged_and_is_counted(case):
     assert step._cache_size() == 1
 
 
-@pytest.fixture(scope="module")
-def npz_data(tmp_path_factory):
-    """The fake dataset as an npz in [0, 255] pixels (data.source "npz")."""
-    ds = fake_dataset(3, 12, 8)
-    x = np.clip((ds.train_images + 1) * 50, 0, 255).astype(np.uint8)
-    path = tmp_path_factory.mktemp("data") / "fake.npz"
-    np.savez(path, x_train=x, y_train=ds.train_labels, x_test=x, y_test=ds.train_labels)
-    return str(path)
-
-
-def test_guard_stops_the_run_and_keeps_the_last_good_artifacts(npz_data, tmp_path, monkeypatch):
+def test_guard_stops_the_run_and_keeps_the_last_good_artifacts(fake_npz, tmp_path, monkeypatch):
     config = tiny_config(
         "dm,ipc1",
         **{
             "data.source": "npz",
-            "data.path": npz_data,
+            "data.path": fake_npz,
             "distill.iterations": 10,
             "distill.checkpoint_every": 2,
             "distill.eval_every": 2,

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import fake_dataset, tiny_config
+from helpers import tiny_config
 from jax.flatten_util import ravel_pytree
 
 from mim4dd_jax import checkpoint, data, distill, evaluate, inner
@@ -47,16 +47,6 @@ class Crash(Exception):
     """Stands for a kill: the run stops without its usual checkpoint."""
 
 
-@pytest.fixture(scope="module")
-def npz_data(tmp_path_factory):
-    """The fake dataset as an npz in [0, 255] pixels (data.source "npz")."""
-    ds = fake_dataset(C, PER_CLASS, HW)
-    x = np.clip((ds.train_images + 1) * 50, 0, 255).astype(np.uint8)
-    path = tmp_path_factory.mktemp("data") / "fake.npz"
-    np.savez(path, x_train=x, y_train=ds.train_labels, x_test=x, y_test=ds.train_labels)
-    return str(path)
-
-
 def fake_trajectories(config, image_shape, num=2, epochs=2):
     """[num, epochs + 1, P] expert trajectories: random inits drifting a little per epoch
     (training and loading real experts is tests/test_experts.py's)."""
@@ -71,8 +61,8 @@ def fake_trajectories(config, image_shape, num=2, epochs=2):
     return np.stack(out).astype(np.float32)
 
 
-def run_config(arg, npz_data, **overrides):
-    return tiny_config(arg, **{"data.source": "npz", "data.path": npz_data, **SMALL, **overrides})
+def run_config(arg, fake_npz, **overrides):
+    return tiny_config(arg, **{"data.source": "npz", "data.path": fake_npz, **SMALL, **overrides})
 
 
 class Runs:
@@ -174,8 +164,8 @@ def read_npz(path):
         return {k: f[k] for k in f.files}
 
 
-def test_mtt_with_learned_lr_and_soft_labels_resumes_exactly(npz_data, tmp_path, monkeypatch):
-    config = run_config(f"mtt,ipc{IPC}", npz_data, **MTT, **{"mtt.experts_dir": "patched in"})
+def test_mtt_with_learned_lr_and_soft_labels_resumes_exactly(fake_npz, tmp_path, monkeypatch):
+    config = run_config(f"mtt,ipc{IPC}", fake_npz, **MTT, **{"mtt.experts_dir": "patched in"})
     trajectories = fake_trajectories(config, (HW, HW, 1))
     monkeypatch.setattr(
         distill, "_load_experts", lambda *a: types.SimpleNamespace(trajectories=trajectories)
@@ -192,9 +182,9 @@ def test_mtt_with_learned_lr_and_soft_labels_resumes_exactly(npz_data, tmp_path,
     assert runs.eval_lrs[-1] == pytest.approx(learned, rel=1e-6)
 
 
-def test_dc_resumes_exactly_after_sigterm(npz_data, tmp_path, monkeypatch):
+def test_dc_resumes_exactly_after_sigterm(fake_npz, tmp_path, monkeypatch):
     # One outer step per iteration: the inner training (tested in test_reference_steps) would
     # only make the program bigger; the image momentum carries over between iterations.
-    config = run_config(f"dc,ipc{IPC}", npz_data, **{"distill.outer_loop": 1})
+    config = run_config(f"dc,ipc{IPC}", fake_npz, **{"distill.outer_loop": 1})
     assert config.distill.init == "noise" and config.distill.momentum > 0
     check_resume(Runs(monkeypatch), config, tmp_path, "sigterm")

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 import sharding_worker
-from helpers import ROOT, TINY, fake_dataset
+from helpers import ROOT, TINY, write_fake_npz
 
 from mim4dd_jax import config as config_lib
 from mim4dd_jax import sharding
@@ -42,6 +42,8 @@ E2E = [
 
 def env(devices: int) -> dict[str, str]:
     e = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    # The children run at the same time (and compile programs of their own): no shared cache.
+    e.pop("JAX_COMPILATION_CACHE_DIR", None)
     flags = e.get("XLA_FLAGS", "").replace(FOUR, "")
     e["XLA_FLAGS"] = f"{flags} {FOUR}".strip() if devices == 4 else flags
     return e
@@ -67,10 +69,7 @@ def finish(proc: subprocess.Popen) -> tuple[int, str]:
 def launched(tmp_path_factory):
     """All subprocesses, started together: {name: (Popen, path)}."""
     tmp = tmp_path_factory.mktemp("sharding")
-    ds = fake_dataset(4, 12, 8)
-    x = np.clip((ds.train_images + 1) * 50, 0, 255).astype(np.uint8)
-    data = tmp / "fake.npz"
-    np.savez(data, x_train=x, y_train=ds.train_labels, x_test=x, y_test=ds.train_labels)
+    data = write_fake_npz(tmp / "fake.npz", num_classes=4)
     run = [os.path.join(ROOT, "run.py"), *E2E, f"--config.data.path={data}"]
     procs = {
         "steps": (

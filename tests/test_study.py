@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import ROOT, TINY, cli_env, fake_dataset
+from helpers import ROOT, TINY, cli_env, write_fake_npz
 
 sys.path.insert(0, ROOT)
 from benchmarks import study as study_lib  # noqa: E402
@@ -24,11 +24,8 @@ T_975_DF1 = 12.706204736174707
 
 @pytest.fixture(scope="module")
 def npz_path(tmp_path_factory):
-    ds = fake_dataset(2, 10, 8)
-    x = np.clip((ds.train_images + 1) * 60, 0, 255).astype(np.uint8)
     path = tmp_path_factory.mktemp("data") / "two_class.npz"
-    np.savez(path, x_train=x, y_train=ds.train_labels, x_test=x, y_test=ds.train_labels)
-    return str(path)
+    return write_fake_npz(path, num_classes=2, per_class=10, hw=8, scale=60)
 
 
 def _toml_value(v):
