@@ -21,6 +21,10 @@ def config_for(fake_npz, ipc, **overrides):
     fields = {
         "data.source": "npz",
         "data.path": fake_npz,
+        # The loop does not depend on the network: one block, XLA's convolution (the same math
+        # as im2col, tests/test_conv.py), which compile in about two thirds of the time.
+        "model.depth": 1,
+        "conv_impl": "xla",
         "distill.iterations": 5,
         "distill.checkpoint_every": 2,
         "distill.eval_every": 4,
@@ -104,14 +108,17 @@ def test_sigterm_checkpoints_and_the_restart_gives_identical_bytes(fake_npz, tmp
     assert read(a / "distilled.npz") == before
 
 
+# Growth is about the state's layout and the frozen rows, not about DSA: without it (in the
+# distillation and the evaluation) the two runs compile in about half the time.
+GROWTH = {"distill.iterations": 2, "distill.dsa": False, "eval.dsa": False}
+
+
 def test_growth_keeps_the_loaded_images_bit_identical(fake_npz, tmp_path):
     small = tmp_path / "ipc1"
-    distill.run(config_for(fake_npz, 1, **{"distill.iterations": 2}), str(small))
+    distill.run(config_for(fake_npz, 1, **GROWTH), str(small))
     grown = tmp_path / "ipc3"
     config = config_for(
-        fake_npz,
-        3,
-        **{"distill.iterations": 2, "distill.init_from": str(small / "distilled.npz")},
+        fake_npz, 3, **{**GROWTH, "distill.init_from": str(small / "distilled.npz")}
     )
     distill.run(config, str(grown))
     with np.load(small / "distilled.npz") as old, np.load(grown / "distilled.npz") as new:

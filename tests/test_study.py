@@ -49,6 +49,10 @@ def write_study(folder, npz_path, iterations=3, seeds=(0, 1), lrs=(0.1, 10.0), e
         "eval.num_models": 2,
         "eval.dsa": False,
         "distill.dsa": False,
+        # The runner does not depend on the network: one block, XLA's convolution (the same
+        # math as im2col, tests/test_conv.py), which compile faster.
+        "model.depth": 1,
+        "conv_impl": "xla",
         **(extra or {}),
     }
     lines = [
