@@ -42,8 +42,12 @@ format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# Two pytest-xdist workers: most of the suite's time is XLA compiling small programs, one core
+# each; more workers than cores only add memory (each imports jax).
+TEST_WORKERS ?= 2
+
 test: setup data lint
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n $(TEST_WORKERS)
 
 bench: setup data
 	$(PY) benchmarks/bench_coreset.py

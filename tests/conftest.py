@@ -20,10 +20,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # (steps, training loops), not the many tiny ones every process shares. jax writes an entry
 # without a lock, so children that run at the same time and might compile the same program
 # leave the cache out (tests/test_sharding.py). Nothing outlives the session.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+# Under pytest-xdist (``make test`` runs two workers) each worker process gets its own folder:
+# the controller's, which the workers inherit, is replaced, since two workers could write the
+# same entry at once.
+_OURS = "MIM4DD_TEST_JAX_CACHE"
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ or os.environ.get(_OURS) not in (
+    None,
+    str(os.getpid()),
+):
     _cache = tempfile.mkdtemp(prefix="mim4dd_test_jax_cache_")
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ[_OURS] = str(os.getpid())
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
