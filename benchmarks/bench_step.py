@@ -167,7 +167,11 @@ def build(spec: dict):
 
     method, ipc = spec["method"], spec["ipc"]
     config = _load_config(spec["dataset"], f"{method},ipc{ipc}")
-    overrides = {"mi.weight": spec["mi"], "conv_impl": spec["conv_impl"]}
+    overrides = {
+        "mi.weight": spec["mi"],
+        "conv_impl": spec["conv_impl"],
+        "microbatch": spec.get("microbatch", 0),
+    }
     if spec.get("real_chunk") is not None:
         overrides["distill.real_chunk"] = spec["real_chunk"]
     if spec.get("batch_real") is not None:
@@ -203,6 +207,7 @@ def build_net(spec: dict):
 
     config = _load_config(spec["dataset"], "dm,ipc10")
     config.conv_impl = spec["conv_impl"]
+    config.microbatch = spec.get("microbatch", 0)
     model = evaluate.build_model(config, 10)
     shape, batch = tuple(spec["image_shape"]), spec["net_batch"]
     x = jax.random.normal(jax.random.key(1), (batch, *shape), jnp.float32)
@@ -211,7 +216,8 @@ def build_net(spec: dict):
 
     def train_step(params, x, y):
         def loss(p):
-            return jnp.mean(inner.cross_entropy(model.apply({"params": p}, x), y))
+            logits, _ = inner.apply_train(model, {"params": p}, x)
+            return jnp.mean(inner.cross_entropy(logits, y))
 
         value, grads = jax.value_and_grad(loss)(params)
         return jax.tree.map(lambda p, g: p - 0.01 * g, params, grads), value
@@ -401,6 +407,8 @@ def _label(r: dict) -> str:
     if r.get("batch_real") is not None:
         extra += f" batch_real {r['batch_real']}"
     impl = "" if r.get("conv_impl", "auto") == "auto" else f" [{r['conv_impl']}]"
+    if r.get("microbatch"):
+        impl += f" microbatch {r['microbatch']}"
     return f"{r['method']}{extra}{impl}"
 
 
@@ -463,6 +471,9 @@ def main() -> None:
         "--batch_real", default="", help="DM rows: distill.batch_real values (default: config's)"
     )
     p.add_argument("--conv_impl", default="auto", help="config.conv_impl: auto, im2col, xla, ...")
+    p.add_argument(
+        "--microbatch", default="0", help="config.microbatch values (0 = whole batch; issue 15)"
+    )
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per row")
     p.add_argument("--title", default="Distillation steps (issue 5)")
     p.add_argument("--no-append", action="store_true", help="only print the table")
@@ -478,6 +489,7 @@ def main() -> None:
         args.methods, args.shapes, args.ipcs = "dm,dsa,mtt", "fmnist,cifar", "1,10,50"
         args.syn_steps, args.remat = "10,20,40", "on,off"
     specs = grid_specs(args, common) if args.methods else default_specs(common)
+    specs = [{**s, "microbatch": int(m)} for s in specs for m in args.microbatch.split(",")]
     for s in specs:
         s["dataset"], s["image_shape"] = SHAPES[s["shape"]]
     print(HEADER, flush=True)

@@ -204,6 +204,11 @@ def build(
         dict(name="convnet", width=128, depth=3, norm="instance", act="relu", pool="avg")
     )
     c.conv_impl = "auto"
+    # Training passes of the ConvNet (evaluation, experts, DC's inner steps, MTT's student) run
+    # this many images at a time, each chunk rematerialised (models.apply_in_chunks): the same
+    # numbers up to float rounding, faster on CPU where the whole batch's buffers leave the
+    # cache (BENCHMARKS.md, "Micro-batched training step"). 0 = the whole batch at once.
+    c.microbatch = 0
 
     c.dsa = ml_collections.ConfigDict(dict(strategy=DSA_STRATEGY))
 
@@ -483,6 +488,7 @@ def _validate_distill(c: ml_collections.ConfigDict) -> None:
         ("mtt.batch_syn", c.mtt.batch_syn, 0),
         ("mtt.num_trajectories", c.mtt.num_trajectories, 1),
         ("mi.bank_slots", c.mi.bank_slots, 0),
+        ("microbatch", c.get("microbatch", 0), 0),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ConfigError(f"{field} must be an integer >= {minimum}, got {value!r}")

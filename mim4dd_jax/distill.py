@@ -118,6 +118,7 @@ _RUN_FIELDS = (
     "distill.checkpoint_every",
     "distill.keep_checkpoints",
     "distill.real_chunk",  # slicing the real forward pass changes only float rounding
+    "microbatch",  # likewise for the training passes
     "guard",
     "mesh",  # the same run on other devices gives the same images up to float rounding
 )
@@ -129,7 +130,7 @@ _RESUMABLE_FIELDS = (*_RUN_FIELDS, "distill.iterations", "distill.eval_every", "
 
 # Fields added after runs were already made, with the value that reproduces what those runs did:
 # a workdir whose config.json lacks such a field is the same run when the new value is this one.
-_ADDED_FIELDS = {"precision": "float32", "mi.weight_mode": "absolute"}
+_ADDED_FIELDS = {"precision": "float32", "mi.weight_mode": "absolute", "microbatch": 0}
 
 
 def _config_fingerprint(config: Any) -> dict[str, Any]:

@@ -232,6 +232,7 @@ def build_model(config: Any, num_classes: int, name: str | None = None) -> nn.Mo
             act=m.act,
             pool=m.pool,
             conv_impl=config.conv_impl,
+            microbatch=config.get("microbatch", 0),
         )
     # Cross-architecture models keep the reference's own norm, not the distillation model's.
     return models.get_model(name, num_classes=num_classes, conv_impl=config.conv_impl)

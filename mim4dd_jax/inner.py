@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mim4dd_jax import sharding
+from mim4dd_jax import models, sharding
 from mim4dd_jax.errors import check_choice
 
 PyTree = Any
@@ -45,11 +45,14 @@ def init_variables(model: nn.Module, key: jax.Array, image_shape: tuple[int, ...
 
 
 def apply_train(model: nn.Module, variables: PyTree, images: jax.Array) -> tuple[jax.Array, PyTree]:
-    """Training-mode forward pass: returns (logits [B, K], updated variables)."""
+    """Training-mode forward pass: returns (logits [B, K], updated variables). A model with a
+    ``microbatch`` field > 0 (the ConvNet, ``config.microbatch``) runs in chunks of that many
+    images (:func:`models.apply_in_chunks`; batch norm runs whole)."""
     if "batch_stats" in variables:
         logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
         return logits, {**variables, **updates}
-    return model.apply(variables, images, train=True), variables
+    chunk = int(getattr(model, "microbatch", 0) or 0)
+    return models.apply_in_chunks(model, variables, images, chunk, train=True), variables
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -13,7 +13,7 @@ where torch's is (C, H, W): the same features, permuted.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import chex
 import flax.linen as nn
@@ -186,6 +186,9 @@ class ConvNet(nn.Module):
     act: str = "relu"
     pool: str = "avg"
     conv_impl: str = "auto"
+    # Not used by __call__: how training passes run it (:func:`apply_in_chunks`, which
+    # inner.apply_train calls); 0 = the whole batch at once.
+    microbatch: int = 0
 
     @nn.compact
     def __call__(
@@ -359,11 +362,12 @@ def get_model(
     act: str = "relu",
     pool: str = "avg",
     conv_impl: str = "auto",
+    microbatch: int = 0,
 ) -> nn.Module:
     """Builds a model by name (case-insensitive): convnet, alexnet, vgg11 or resnet18.
 
-    width/depth/act/pool apply to the ConvNet only; norm applies to all. norm=None picks the
-    reference's norm for that architecture: "instance", except AlexNet's "none".
+    width/depth/act/pool/microbatch apply to the ConvNet only; norm applies to all. norm=None
+    picks the reference's norm for that architecture: "instance", except AlexNet's "none".
     """
     key = name.lower() if isinstance(name, str) else name
     check_choice("model", key, MODELS)
@@ -373,9 +377,35 @@ def get_model(
     if key == "convnet":
         check_choice("activation", act, ACTS)
         check_choice("pooling", pool, POOLS)
-        return ConvNet(num_classes, width, depth, norm, act, pool, conv_impl)
+        return ConvNet(num_classes, width, depth, norm, act, pool, conv_impl, int(microbatch))
     cls = {"alexnet": AlexNet, "vgg11": VGG11, "resnet18": ResNet18}[key]
     return cls(num_classes, norm=norm, conv_impl=conv_impl)
+
+
+def apply_in_chunks(
+    model: nn.Module, variables: Any, x: jax.Array, chunk: int, **kwargs: Any
+) -> Any:
+    """``model.apply(variables, x, **kwargs)`` computed ``chunk`` images at a time.
+
+    x: [N, H, W, C]; returns what ``model.apply`` returns (logits [N, K] or a ModelOutput with
+    leading axis N). The chunks run one after another in a ``lax.map`` whose body is
+    rematerialised (``jax.checkpoint``), so a backward pass recomputes each chunk's forward
+    instead of keeping every activation: on a 2-core CPU the working set of a few images stays
+    in cache, where the whole batch's im2col patches and activations (hundreds of MB) go to
+    memory (BENCHMARKS.md, "Micro-batched training step"). Exact only for a network that treats
+    every image alone: so ``chunk <= 0``, ``chunk >= N`` or ``batch_stats`` (batch norm) in
+    ``variables`` is the plain call. Padding images (zeros) complete the last chunk and are
+    dropped from the output, so they contribute nothing to any gradient.
+    """
+    n = x.shape[0]
+    if chunk <= 0 or n <= chunk or "batch_stats" in variables:
+        return model.apply(variables, x, **kwargs)
+    pad = -n % chunk
+    xs = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)) if pad else x
+    xs = xs.reshape(-1, chunk, *x.shape[1:])
+    run = jax.checkpoint(lambda v, xb: model.apply(v, xb, **kwargs))
+    out = lax.map(lambda xb: run(variables, xb), xs)
+    return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:])[:n], out)
 
 
 def _abstract_features(model: nn.Module, image_shape: Sequence[int]) -> ModelOutput:
