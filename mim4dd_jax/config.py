@@ -206,8 +206,9 @@ def build(
     c.conv_impl = "auto"
     # Training passes of the ConvNet (evaluation, experts, DC's inner steps, MTT's student) run
     # this many images at a time, each chunk rematerialised (models.apply_in_chunks): the same
-    # numbers up to float rounding, faster on CPU where the whole batch's buffers leave the
-    # cache (BENCHMARKS.md, "Micro-batched training step"). 0 = the whole batch at once.
+    # numbers up to float rounding; 1.5x faster for a lone step on CPU, no faster in the
+    # evaluation's loops and slower in MTT's (BENCHMARKS.md, "Micro-batched training step").
+    # 0 = the whole batch at once.
     c.microbatch = 0
 
     c.dsa = ml_collections.ConfigDict(dict(strategy=DSA_STRATEGY))
