@@ -51,15 +51,15 @@ def main() -> None:
 
     variants = args.variants.split(",")
     compile_s, times = {}, {v: [] for v in variants}
-    for parallel in times:
+    for variant in variants:
         t0 = time.perf_counter()
-        jax.block_until_ready(run(parallel))
-        compile_s[parallel] = time.perf_counter() - t0
+        jax.block_until_ready(run(variant))
+        compile_s[variant] = time.perf_counter() - t0
     for _ in range(args.repeats):
-        for parallel in times:
+        for variant in times:
             t0 = time.perf_counter()
-            jax.block_until_ready(run(parallel))
-            times[parallel].append(time.perf_counter() - t0)
+            jax.block_until_ready(run(variant))
+            times[variant].append(time.perf_counter() - t0)
     med = {k: float(np.median(v)) for k, v in times.items()}
     steps = (args.epochs + 1) * -(-args.n // min(256, args.n))
     rows = [f"| {k} | {compile_s[k]:.1f} | {med[k]:.2f} | {med[k] / steps:.3f} |" for k in variants]

@@ -24,14 +24,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # the controller's, which the workers inherit, is replaced, since two workers could write the
 # same entry at once.
 _OURS = "MIM4DD_TEST_JAX_CACHE"
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ or os.environ.get(_OURS) not in (
-    None,
-    str(os.getpid()),
-):
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ or _OURS in os.environ:
     _cache = tempfile.mkdtemp(prefix="mim4dd_test_jax_cache_")
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
-    os.environ[_OURS] = str(os.getpid())
+    os.environ[_OURS] = "1"
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 

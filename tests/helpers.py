@@ -36,6 +36,11 @@ def run_cli(*args: str, cwd: str = ROOT, **kwargs) -> subprocess.CompletedProces
     )
 
 
+# For tests about the loop, the runner or the guard, which do not depend on the network: a
+# one-block ConvNet with XLA's convolution (the same math as im2col, tests/test_conv.py), whose
+# steps compile in about half the time.
+SMALL_NET = {"model.depth": 1, "conv_impl": "xla"}
+
 TINY = {
     "model.width": 8,
     "model.depth": 2,

@@ -9,7 +9,7 @@ import signal
 import jax
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import SMALL_NET, tiny_config
 
 from mim4dd_jax import distill
 from mim4dd_jax.errors import ConfigError
@@ -21,10 +21,7 @@ def config_for(fake_npz, ipc, **overrides):
     fields = {
         "data.source": "npz",
         "data.path": fake_npz,
-        # The loop does not depend on the network: one block, XLA's convolution (the same math
-        # as im2col, tests/test_conv.py), which compile in about two thirds of the time.
-        "model.depth": 1,
-        "conv_impl": "xla",
+        **SMALL_NET,
         "distill.iterations": 5,
         "distill.checkpoint_every": 2,
         "distill.eval_every": 4,

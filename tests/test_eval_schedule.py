@@ -4,7 +4,7 @@ run does not evaluate again an iteration it has already logged."""
 
 import json
 
-from helpers import tiny_config
+from helpers import SMALL_NET, tiny_config
 
 from mim4dd_jax import distill, evaluate, io
 
@@ -21,10 +21,7 @@ def config_for(fake_npz, **overrides):
         "eval.epochs": 1,
         "eval.num_models": 2,
         "eval.dsa": False,
-        # The schedule does not depend on the step: a one-block network, XLA's convolution (the
-        # same math as im2col, tests/test_conv.py), no DSA; they compile in about half the time.
-        "model.depth": 1,
-        "conv_impl": "xla",
+        **SMALL_NET,
         "distill.dsa": False,
         **overrides,
     }

@@ -17,7 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import ROOT, cli_command, cli_env, fake_dataset, tiny_config, write_mnist_folder
+from helpers import (
+    ROOT,
+    SMALL_NET,
+    cli_command,
+    cli_env,
+    fake_dataset,
+    tiny_config,
+    write_mnist_folder,
+)
 from helpers import run_cli as run
 from jax.flatten_util import ravel_pytree
 
@@ -143,9 +151,6 @@ def fake_experts(config, dataset, num=2, epochs=2):
 # loss and every gradient non-finite), or finite gradients whose update overflows (an infinite
 # image lr). Non-finite *real images* are no test: on XLA:CPU, jit(avg_pool(relu(x))) can turn
 # NaN into finite numbers for some shapes, so the DM features may come out finite.
-# A one-block ConvNet with XLA's convolution (the same math as im2col, tests/test_conv.py):
-# the guard does not depend on the network, and the steps compile in about half the time.
-SMALL_NET = {"model.depth": 1, "conv_impl": "xla"}
 GUARD_CASES = {
     "mtt: inf in an expert trajectory": (
         "mtt,ipc2",

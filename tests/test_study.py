@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import ROOT, TINY, cli_env, write_fake_npz
+from helpers import ROOT, SMALL_NET, TINY, cli_env, write_fake_npz
 
 sys.path.insert(0, ROOT)
 from benchmarks import study as study_lib  # noqa: E402
@@ -49,10 +49,7 @@ def write_study(folder, npz_path, iterations=3, seeds=(0, 1), lrs=(0.1, 10.0), e
         "eval.num_models": 2,
         "eval.dsa": False,
         "distill.dsa": False,
-        # The runner does not depend on the network: one block, XLA's convolution (the same
-        # math as im2col, tests/test_conv.py), which compile faster.
-        "model.depth": 1,
-        "conv_impl": "xla",
+        **SMALL_NET,
         **(extra or {}),
     }
     lines = [
