@@ -1,8 +1,10 @@
 """K evaluation models in one jitted program: vmap vs lax.map (and, with ``:m``, the training
-passes in chunks of m images, ``config.microbatch``), measured in the same run.
+passes in chunks of m images, ``config.microbatch``; with ``@impl``, ``config.conv_impl``),
+measured in the same run.
 
   python benchmarks/bench_eval.py [--num_models 3] [--n 100] [--epochs 10] [--repeats 3]
   python benchmarks/bench_eval.py --variants map,map:8 --num_models 5   # issue 15
+  python benchmarks/bench_eval.py --variants map,map@shifted --num_models 5
 
 ConvNet-3 on Fashion-MNIST-shaped random data ([n, 28, 28, 1], 10 classes), the evaluation
 optimiser, test on 1000 images. The two variants alternate, so machine noise hits both alike;
@@ -32,7 +34,9 @@ def main() -> None:
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--variants", default="vmap,map", help="parallel[:microbatch], comma-separated")
+    p.add_argument(
+        "--variants", default="vmap,map", help="parallel[:microbatch][@conv_impl], comma-separated"
+    )
     args = p.parse_args()
     k1, k2 = jax.random.split(jax.random.key(0))
     x = jax.random.normal(k1, (args.n, 28, 28, 1))
@@ -43,8 +47,11 @@ def main() -> None:
     cfg = inner.TrainConfig(epochs=args.epochs)
 
     def run(variant: str) -> jax.Array:
+        variant, _, impl = variant.partition("@")
         parallel, _, chunk = variant.partition(":")
-        model = models.get_model("convnet", num_classes=10, microbatch=int(chunk or 0))
+        model = models.get_model(
+            "convnet", num_classes=10, microbatch=int(chunk or 0), conv_impl=impl or "auto"
+        )
         return inner.train_and_test_many(
             keys, x, y, 0.01, xt, yt, model=model, config=cfg, parallel=parallel
         )
@@ -68,7 +75,7 @@ def main() -> None:
     body = (
         f"{args.num_models} ConvNet-3 models, {args.n} training images, {args.epochs} epochs "
         f"({steps} SGD steps each) + test on 1000 images; median of {args.repeats}, alternating.\n\n"
-        "| parallel[:microbatch] | first call incl. compile (s) | median (s) | s per step (all "
+        "| parallel[:microbatch][@conv_impl] | first call incl. compile (s) | median (s) | s per step (all "
         "models) |\n|---|---|---|---|\n" + "\n".join(rows) + f"\n\nTime ratios: {ratios} "
         "(below 1: faster than the first)."
     )

@@ -470,7 +470,9 @@ def main() -> None:
     p.add_argument(
         "--batch_real", default="", help="DM rows: distill.batch_real values (default: config's)"
     )
-    p.add_argument("--conv_impl", default="auto", help="config.conv_impl: auto, im2col, xla, ...")
+    p.add_argument(
+        "--conv_impl", default="auto", help="config.conv_impl values: auto, im2col, xla, ..."
+    )
     p.add_argument(
         "--microbatch", default="0", help="config.microbatch values (0 = whole batch; issue 15)"
     )
@@ -481,7 +483,6 @@ def main() -> None:
     common = {
         "iters": args.iters,
         "train_per_class": args.train_per_class,
-        "conv_impl": args.conv_impl,
         "batch_syn": args.batch_syn,
         "net_batch": args.net_batch,
     }
@@ -489,7 +490,12 @@ def main() -> None:
         args.methods, args.shapes, args.ipcs = "dm,dsa,mtt", "fmnist,cifar", "1,10,50"
         args.syn_steps, args.remat = "10,20,40", "on,off"
     specs = grid_specs(args, common) if args.methods else default_specs(common)
-    specs = [{**s, "microbatch": int(m)} for s in specs for m in args.microbatch.split(",")]
+    specs = [
+        {**s, "microbatch": m, "conv_impl": impl}
+        for s in specs
+        for impl in _csv(args.conv_impl)
+        for m in _csv(args.microbatch, int)
+    ]
     for s in specs:
         s["dataset"], s["image_shape"] = SHAPES[s["shape"]]
     print(HEADER, flush=True)

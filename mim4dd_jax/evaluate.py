@@ -200,9 +200,7 @@ def evaluate_from_config(
         labels,
         dataset.test_images,
         dataset.test_labels,
-        architectures=[
-            (name, build_model(config, dataset.num_classes, name)) for name in ev.models
-        ],
+        architectures=[(name, eval_model(config, dataset.num_classes, name)) for name in ev.models],
         num_models=ev.num_models,
         lr=ev.lr if lr is None else lr,
         train_config=inner.TrainConfig(
@@ -217,6 +215,24 @@ def evaluate_from_config(
         mesh=sharding.mesh_from_config(config) if mesh is None else mesh,
         progress=progress,
     )
+
+
+def prefer_conv(model: nn.Module, config: Any, impl: str) -> nn.Module:
+    """``model`` with conv ``impl`` when ``config.conv_impl`` is "auto" and the backend is CPU
+    (a choice measured per use, BENCHMARKS.md); otherwise ``model`` unchanged."""
+    if config.conv_impl == "auto" and jax.default_backend() == "cpu":
+        return model.clone(conv_impl=impl)
+    return model
+
+
+def eval_model(config: Any, num_classes: int, name: str | None = None) -> nn.Module:
+    """:func:`build_model` for the evaluation's training. A ConvNet on CPU with conv_impl "auto"
+    uses the "hybrid" conv there: evaluation differentiates once and needs no input gradient of
+    the first layer, and 5 ConvNet-3 evaluations took 0.82-0.91x the time of im2col at 100
+    images and 0.90x at 10 (0.98x at 500; BENCHMARKS.md, issue 15). Other architectures are
+    unmeasured and keep "auto"."""
+    model = build_model(config, num_classes, name)
+    return prefer_conv(model, config, "hybrid") if isinstance(model, models.ConvNet) else model
 
 
 def build_model(config: Any, num_classes: int, name: str | None = None) -> nn.Module:

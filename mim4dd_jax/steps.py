@@ -77,9 +77,7 @@ def step_model(config: Any, num_classes: int) -> nn.Module:
     has no loop, where XLA:CPU's conv is fast, and it measured 2.3x faster than im2col with half
     the memory (BENCHMARKS.md); loops (DC's inner training, the MTT student) keep im2col."""
     model = evaluate_lib.build_model(config, num_classes)
-    if config.method == "dm" and config.conv_impl == "auto" and jax.default_backend() == "cpu":
-        model = model.clone(conv_impl="hybrid")
-    return model
+    return evaluate_lib.prefer_conv(model, config, "hybrid") if config.method == "dm" else model
 
 
 def real_chunk(config: Any) -> int:

@@ -103,6 +103,15 @@ def test_dm_step_uses_the_hybrid_conv_on_cpu_and_loops_keep_auto():
     assert distill.step_model(make_config("dm", conv_impl="im2col"), C).conv_impl == "im2col"
 
 
+def test_evaluation_trains_convnets_with_the_hybrid_conv_on_cpu():
+    assert evaluate.eval_model(make_config("dsa"), C).conv_impl == "hybrid"
+    assert evaluate.eval_model(make_config("dsa", conv_impl="im2col"), C).conv_impl == "im2col"
+    # Unmeasured architectures keep the config's choice.
+    assert evaluate.eval_model(make_config("dsa"), C, "resnet18").conv_impl == "auto"
+    # Distillation's own model is untouched (its loops keep im2col).
+    assert evaluate.build_model(make_config("dsa"), C).conv_impl == "auto"
+
+
 def test_dm_with_mi_weight_zero_is_the_pure_base_method(dataset, dm_runs):
     (state, history, _), (mi_state, mi_history, _), _ = dm_runs
     images, losses = pure_dm(dataset, make_config("dm"), 3)
