@@ -4,7 +4,7 @@ measured in the same run.
 
   python benchmarks/bench_eval.py [--num_models 3] [--n 100] [--epochs 10] [--repeats 3]
   python benchmarks/bench_eval.py --variants map,map:8 --num_models 5   # issue 15
-  python benchmarks/bench_eval.py --variants map,map@shifted --num_models 5
+  python benchmarks/bench_eval.py --variants map,map@hybrid --num_models 5 --epochs 1000 --dsa
 
 ConvNet-3 on Fashion-MNIST-shaped random data ([n, 28, 28, 1], 10 classes), the evaluation
 optimiser, test on 1000 images. The two variants alternate, so machine noise hits both alike;
@@ -25,7 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import append_section  # noqa: E402
-from mim4dd_jax import inner, models  # noqa: E402
+from mim4dd_jax import config, evaluate, inner, models  # noqa: E402
 
 
 def main() -> None:
@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dsa", action="store_true", help="train with the evaluation's DSA")
     p.add_argument(
         "--variants", default="vmap,map", help="parallel[:microbatch][@conv_impl], comma-separated"
     )
@@ -45,6 +46,7 @@ def main() -> None:
     yt = jnp.arange(1000) % 10
     keys = jax.random.split(jax.random.key(1), args.num_models)
     cfg = inner.TrainConfig(epochs=args.epochs)
+    augment = evaluate.dsa_augment_fn(config.DSA_STRATEGY, "fashion_mnist") if args.dsa else None
 
     def run(variant: str) -> jax.Array:
         variant, _, impl = variant.partition("@")
@@ -53,7 +55,7 @@ def main() -> None:
             "convnet", num_classes=10, microbatch=int(chunk or 0), conv_impl=impl or "auto"
         )
         return inner.train_and_test_many(
-            keys, x, y, 0.01, xt, yt, model=model, config=cfg, parallel=parallel
+            keys, x, y, 0.01, xt, yt, model=model, config=cfg, parallel=parallel, augment=augment
         )
 
     variants = args.variants.split(",")
@@ -74,7 +76,7 @@ def main() -> None:
     ratios = ", ".join(f"{k} / {first}: **{med[k] / med[first]:.2f}**" for k in variants[1:])
     body = (
         f"{args.num_models} ConvNet-3 models, {args.n} training images, {args.epochs} epochs "
-        f"({steps} SGD steps each) + test on 1000 images; median of {args.repeats}, alternating.\n\n"
+        f"({steps} SGD steps each{', DSA' if args.dsa else ''}) + test on 1000 images; median of {args.repeats}, alternating.\n\n"
         "| parallel[:microbatch][@conv_impl] | first call incl. compile (s) | median (s) | s per step (all "
         "models) |\n|---|---|---|---|\n" + "\n".join(rows) + f"\n\nTime ratios: {ratios} "
         "(below 1: faster than the first)."
