@@ -227,12 +227,19 @@ def prefer_conv(model: nn.Module, config: Any, impl: str) -> nn.Module:
 
 def eval_model(config: Any, num_classes: int, name: str | None = None) -> nn.Module:
     """:func:`build_model` for the evaluation's training. A ConvNet on CPU with conv_impl "auto"
-    uses the "hybrid" conv there: evaluation differentiates once and needs no input gradient of
-    the first layer, and 5 ConvNet-3 evaluations took 0.82-0.91x the time of im2col at 100
-    images and 0.90x at 10 (0.98x at 500; BENCHMARKS.md, issue 15). Other architectures are
-    unmeasured and keep "auto"."""
+    and the models run one after another (``eval.parallel`` map, CPU's default) uses the
+    "hybrid" conv there: evaluation differentiates once and needs no input gradient of the first
+    layer, and 5 ConvNet-3 evaluations took 0.82-0.91x the time of im2col at 100 images and
+    0.90x at 10 (0.98x at 500; BENCHMARKS.md, issue 15). Vmapped over models, XLA's conv
+    becomes a grouped conv that ran 2.4x slower, so ``vmap`` keeps im2col; other architectures
+    are unmeasured and keep "auto" too."""
     model = build_model(config, num_classes, name)
-    return prefer_conv(model, config, "hybrid") if isinstance(model, models.ConvNet) else model
+    mapped = inner.resolve_parallel(config.eval.parallel) == "map"
+    return (
+        prefer_conv(model, config, "hybrid")
+        if mapped and isinstance(model, models.ConvNet)
+        else model
+    )
 
 
 def build_model(config: Any, num_classes: int, name: str | None = None) -> nn.Module:
