@@ -74,12 +74,14 @@ def main() -> None:
     rows = [f"| {k} | {compile_s[k]:.1f} | {med[k]:.2f} | {med[k] / steps:.3f} |" for k in variants]
     first = variants[0]
     ratios = ", ".join(f"{k} / {first}: **{med[k] / med[first]:.2f}**" for k in variants[1:])
+    dsa = ", DSA" if args.dsa else ""
     body = (
         f"{args.num_models} ConvNet-3 models, {args.n} training images, {args.epochs} epochs "
-        f"({steps} SGD steps each{', DSA' if args.dsa else ''}) + test on 1000 images; median of {args.repeats}, alternating.\n\n"
-        "| parallel[:microbatch][@conv_impl] | first call incl. compile (s) | median (s) | s per step (all "
-        "models) |\n|---|---|---|---|\n" + "\n".join(rows) + f"\n\nTime ratios: {ratios} "
-        "(below 1: faster than the first)."
+        f"({steps} SGD steps each{dsa}) + test on 1000 images; median of {args.repeats}, "
+        "alternating.\n\n| parallel[:microbatch][@conv_impl] | first call incl. compile (s) | "
+        "median (s) | s per step (all models) |\n|---|---|---|---|\n"
+        + "\n".join(rows)
+        + f"\n\nTime ratios: {ratios} (below 1: faster than the first)."
     )
     append_section(f"Evaluation: K models, {' vs '.join(variants)}", body)
 
