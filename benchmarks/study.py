@@ -507,12 +507,24 @@ def summary_frame(study: Study, results: Mapping[tuple[str, int], Mapping[str, A
                 row[key if scale == 1 else "peak_rss_gib"] = np.mean(vals) if vals else math.nan
             walls = [r["wall_s"] / 60 for r in records if r.get("wall_s")]
             row["wall_min"] = np.mean(walls) if walls else math.nan
+            # Older records lack it; s/iter and wall time compare only within one machine.
+            machines = {_machine_name(r.get("results", {}).get("machine")) for r in records}
+            row["machine"] = "; ".join(sorted(machines)) or "-"
             row["published"] = cell.published if cell.published is not None else math.nan
             row["final_minus_published"] = row["final_mean"] - row["published"]
             row["best_minus_published"] = row["best_mean"] - row["published"]
             row["published_note"] = cell.published_note
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _machine_name(machine: Mapping[str, Any] | None) -> str:
+    """A short label of results.json's ``machine``: the devices off CPU, else the CPU x cores."""
+    if not machine:
+        return "-"
+    if machine.get("backend") not in (None, "cpu"):
+        return str(machine.get("devices"))
+    return f"{machine.get('cpu')} x{machine.get('cores')}"
 
 
 def differing_field(a: Cell, b: Cell) -> str | None:
@@ -596,8 +608,8 @@ def markdown(study: Study, table, diffs) -> str:
         "final = last evaluation, best = best evaluation over the run.",
         "",
         "| cell | arg | model | seeds | models/seed | iterations | final | best | published "
-        "| final − pub | best − pub | s/iter | peak RSS GiB | wall min/seed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| final − pub | best − pub | s/iter | peak RSS GiB | wall min/seed | machine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table.to_dict("records"):
         lines.append(
@@ -606,7 +618,8 @@ def markdown(study: Study, table, diffs) -> str:
             f"{_pm(r['best_mean'], r['best_std'])} | {_num(r['published'], '%.1f')} | "
             f"{_num(r['final_minus_published'], '%+.2f')} | "
             f"{_num(r['best_minus_published'], '%+.2f')} | {_num(r['s_per_iter'], '%.3f')} | "
-            f"{_num(r['peak_rss_gib'], '%.2f')} | {_num(r['wall_min'], '%.1f')} |"
+            f"{_num(r['peak_rss_gib'], '%.2f')} | {_num(r['wall_min'], '%.1f')} | "
+            f"{r['machine']} |"
         )
     if len(diffs):
         lines += [

@@ -158,6 +158,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         "accuracy": {r.model: r.as_dict() for r in results},
     }
     io.MetricWriter(workdir).write(0, **summary)
+    summary["machine"] = io.machine()
     io.write_json(os.path.join(workdir, "results.json"), summary)
     for r in results:
         print(f"{config.method} ipc{config.ipc} {r}")

@@ -365,6 +365,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         # code reports the best over its evaluations. Both are recorded, labelled.
         summary.update(io.final_and_best(io.accuracy_history(workdir)))
         summary["num_models"] = int(config.eval.num_models)
+        summary["machine"] = io.machine()
         if experts is not None:
             # The count this run matched against (the reference trains 100), not experts.num.
             shape = experts.trajectories.shape

@@ -284,6 +284,7 @@ def run(config: Any, workdir: str, *, lr: float | None = None) -> dict[str, Any]
         "accuracy": {r.model: r.as_dict() for r in results},
     }
     io.MetricWriter(workdir).write(0, **summary)
+    summary["machine"] = io.machine()
     io.write_json(os.path.join(workdir, RESULTS), summary)
     with io.atomic_write(os.path.join(workdir, TABLE), "w") as f:
         f.write(results_table(summary))

@@ -548,6 +548,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         "num": ex.num,
         "epochs": ex.epochs,
         "test_accuracy": {"mean": float(np.mean(final)), "std": float(np.std(final)), "all": final},
+        "machine": io.machine(),
     }
     io.write_json(os.path.join(workdir, RESULTS), summary)
     tqdm.write(

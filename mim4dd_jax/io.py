@@ -113,6 +113,30 @@ def write_json(path: str, obj: Any, **dump_kwargs: Any) -> None:
         json.dump(obj, f, **{"indent": 2, **dump_kwargs})
 
 
+def machine() -> dict[str, Any]:
+    """What a result was computed on, for results.json: the CPU model and core count, and the
+    JAX backend with its devices (e.g. ``"1x NVIDIA H200"``). Speeds are only comparable within
+    one machine, and a study's seeds may come from several."""
+    import platform
+
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    devices = jax.devices()
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "backend": jax.default_backend(),
+        "devices": f"{len(devices)}x {devices[0].device_kind}",
+    }
+
+
 def save_npz(path: str, **arrays: np.ndarray) -> None:
     """``np.savez`` (readable by ``np.load``), atomically, with fixed zip timestamps so that the
     bytes depend on the arrays only."""

@@ -97,6 +97,10 @@ def test_study_runs_tabulates_pairs_and_skips_done_cells(
     assert record["best"]["convnet"]["mean"] == best["mean"]
     assert record["num_models"] == 2 and record["iterations"] == 3
     assert record["config"]["distill.lr"] == 0.1 and record["config"]["seed"] == 0
+    # The run says what it ran on (studies span machines; speeds compare within one).
+    machine = record["results"]["machine"]
+    assert machine["backend"] == "cpu" and machine["cores"] == os.cpu_count()
+    assert machine["devices"].startswith("1x ") and machine["cpu"]
 
     # The table: one row per cell, with both seeds and the per-seed model means.
     import pandas as pd
@@ -104,6 +108,7 @@ def test_study_runs_tabulates_pairs_and_skips_done_cells(
     table = pd.read_csv(os.path.join(runs_root, "tiny", "table.csv"))
     assert list(table["cell"]) == ["dm-distill.lr=0.1", "dm-distill.lr=10.0"]
     assert list(table["seeds"]) == ["2/2", "2/2"]
+    assert list(table["machine"]) == [f"{machine['cpu']} x{os.cpu_count()}"] * 2
     for cell, row in zip(study.cells, table.to_dict("records"), strict=True):
         per_seed = [
             100 * np.mean(results[(cell.name, s)]["final"]["convnet"]["all"]) for s in (0, 1)
