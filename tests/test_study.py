@@ -227,3 +227,11 @@ def test_only_selects_cells_and_names_the_valid_ones(tmp_path, npz_path):
     assert [c.name for c in study_lib.select(study.cells, ["*=10.0"])] == ["dm-distill.lr=10.0"]
     with pytest.raises(study_lib.StudyError, match="matches no cell; cells: dm"):
         study_lib.select(study.cells, ["nope"])
+
+
+def test_machine_labels_name_the_accelerator_off_cpu():
+    gpu = {"cpu": "AMD EPYC", "cores": 16, "backend": "gpu", "devices": "1x NVIDIA H200"}
+    cpu = {"cpu": "Intel(R) Xeon(R) Processor", "cores": 2, "backend": "cpu", "devices": "1x cpu"}
+    assert study_lib._machine_name(gpu) == "1x NVIDIA H200"
+    assert study_lib._machine_name(cpu) == "Intel(R) Xeon(R) Processor x2"
+    assert study_lib._machine_name(None) == "-"  # records from before the field existed
