@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import run_child  # noqa: E402
+from mim4dd_jax import io  # noqa: E402
 
 HEADING = "## MI loss scaling (issue 3)"
 
@@ -88,16 +89,6 @@ def _run_one(ns: int, nr: int, chunk: int, reps: int, dim: int, timeout: float) 
     return run_child(__file__, args, timeout=timeout, env=env)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100x1000,500x5000,1000x10000", help="NSxNR,...")
@@ -137,7 +128,7 @@ def main() -> None:
             "",
             f"- date: {datetime.date.today().isoformat()}",
             f"- command: `{command.strip()}`",
-            f"- CPU: {_cpu_model()}, {os.cpu_count()} cores visible (shared with other jobs)",
+            f"- CPU: {io.cpu_model() or 'unknown'}, {os.cpu_count()} cores visible (shared with other jobs)",
             f"- measured: jit(value_and_grad) of `mi.embedding_mi` (InfoNCE, cosine, 10 classes), "
             f"{args.dim}-d embeddings, gradient w.r.t. both embedding sets; median of "
             f"{args.reps} calls after compile and one warm-up call",

@@ -11,6 +11,8 @@ import sys
 
 import numpy as np
 
+from mim4dd_jax import io
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS_MD = os.path.join(ROOT, "BENCHMARKS.md")
 
@@ -22,15 +24,7 @@ def machine() -> str:
     dev = jax.devices()[0]
     if dev.platform != "cpu":
         return f"{dev.device_kind} ({dev.platform})"
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    model = io.cpu_model() or platform.processor() or "unknown CPU"
     return f"{model}, {os.cpu_count()} cores"
 
 

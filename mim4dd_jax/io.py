@@ -113,6 +113,15 @@ def write_json(path: str, obj: Any, **dump_kwargs: Any) -> None:
         json.dump(obj, f, **{"indent": 2, **dump_kwargs})
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("" where there is none, e.g. not Linux)."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return ""
+
+
 def machine() -> dict[str, Any]:
     """What a result was computed on, for results.json: the CPU model and core count, and the
     JAX backend with its devices (e.g. ``"1x NVIDIA H200"``). Speeds are only comparable within
@@ -121,16 +130,9 @@ def machine() -> dict[str, Any]:
 
     import jax
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
     devices = jax.devices()
     return {
-        "cpu": cpu,
+        "cpu": cpu_model() or platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "backend": jax.default_backend(),
         "devices": f"{len(devices)}x {devices[0].device_kind}",

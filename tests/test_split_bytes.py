@@ -17,7 +17,7 @@ import pytest
 from helpers import tiny_config
 from jax.flatten_util import ravel_pytree
 
-from mim4dd_jax import data, distill, evaluate, inner, state, steps
+from mim4dd_jax import data, distill, evaluate, inner, io, state, steps
 
 C, PER_CLASS, HW, IPC = 3, 12, 8, 2
 RUN = {
@@ -47,16 +47,6 @@ RECORDED_WITH = "0.10.2"  # jax.__version__
 # ... on this CPU kind: XLA:CPU compiles for the host's vector units (AVX2, AVX-512), and the
 # float rounding of the same program differs between them.
 RECORDED_ON = "Intel(R) Xeon(R) Processor"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(
-                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), ""
-            )
-    except OSError:
-        return ""
 
 
 # sha256 of each array of distilled.npz, before the split. DM and MTT re-recorded at 7949fec,
@@ -117,7 +107,7 @@ def run(method, fake_npz, workdir, monkeypatch):
 
 
 @pytest.mark.skipif(
-    jax.__version__ != RECORDED_WITH or _cpu_model() != RECORDED_ON,
+    jax.__version__ != RECORDED_WITH or io.cpu_model() != RECORDED_ON,
     reason="hashes recorded with another jax version or CPU kind",
 )
 @pytest.mark.parametrize("method", ["dm", "dsa", "mtt"])
