@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 
@@ -18,14 +17,13 @@ BENCHMARKS_MD = os.path.join(ROOT, "BENCHMARKS.md")
 
 
 def machine() -> str:
-    """CPU model and core count (or the accelerator's name)."""
-    import jax
-
-    dev = jax.devices()[0]
-    if dev.platform != "cpu":
-        return f"{dev.device_kind} ({dev.platform})"
-    model = io.cpu_model() or platform.processor() or "unknown CPU"
-    return f"{model}, {os.cpu_count()} cores"
+    """The machine line of a BENCHMARKS.md header, formatted from ``io.machine()`` (what
+    results.json records), so both name a machine the same way: the devices and backend off
+    CPU, else the CPU model and core count."""
+    m = io.machine()
+    if m["backend"] != "cpu":
+        return f"{m['devices']} ({m['backend']})"
+    return f"{m['cpu']}, {m['cores']} cores"
 
 
 def command() -> str:
