@@ -733,27 +733,39 @@ def plot_diagnostics(
     panels = (("mi", "MI estimate (nats, sum over layers)"), ("grad_cos", "cos(g_base, g_mi)"))
     panels += (("mi_lambda", "lambda"),)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    drawn = False
+    # A study has more MI cells than a 10-colour cycle: 20 colours, then a second line style.
+    colours = plt.get_cmap("tab20").colors
+    drawn = 0
     for cell in study.cells:
         traces = _mi_traces(cell, results)
         if not traces:
             continue
         steps = sorted(set.intersection(*({r["step"] for r in t} for t in traces)))
+        style = dict(color=colours[drawn % 20], linestyle=("-", "--")[drawn // 20 % 2])
         for ax, (key, label) in zip(axes, panels, strict=True):
             by_step = [{r["step"]: r[key] for r in t} for t in traces]
             values = np.array([[np.sum(b[s]) for s in steps] for b in by_step]).mean(0)
-            ax.plot(steps, values, label=cell.name)
+            ax.plot(steps, values, label=cell.name, **style)
             ax.set_xlabel("iteration")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
-        drawn = True
+        drawn += 1
     if drawn:
+        # Loose bounds (NCE at a low temperature) reach -1e4 nats while the useful ones sit
+        # in [0, 3 log K]: linear near zero, logarithmic beyond, so both stay readable.
+        axes[0].set_yscale("symlog", linthresh=10.0)
         axes[2].set_yscale("log")
-        axes[0].legend(fontsize=7)
+        fig.legend(
+            *axes[0].get_legend_handles_labels(),
+            loc="upper center",
+            ncol=4,
+            fontsize=7,
+            bbox_to_anchor=(0.5, 0.0),
+        )
         with io.atomic_write(path) as f:
             fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return drawn
+    return drawn > 0
 
 
 def report(study: Study) -> str:
