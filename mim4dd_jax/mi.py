@@ -66,6 +66,9 @@ REDUCTIONS = ("flatten", "gap")
 # (nothing to train but the critic's scalar offset), for networks that change every step.
 HEADS = ("linear", "mlp", "none", "lda")
 FITTED_HEADS = ("none", "lda")
+# One trained head per layer for both sides, or one per side (real network, synthetic network)
+# into one contrastive space, as contrastive distillation embeds two networks' features.
+HEAD_SHARING = ("shared", "per_side")
 MASKS = ("hard", "soft")
 # Negatives of nce/nwj/js: every candidate (product of marginals: an MI bound) or only the
 # different-label ones (a same- vs other-label divergence, no MI bound). See the module docstring.
@@ -96,6 +99,9 @@ class MIConfig:
       trained | "none" (features standardised with the real batch's statistics) | "lda" (Fisher
       LDA refitted on the real batch every step); "none" and "lda" need critic "cosine".
     embed_dim, hidden_dim: head output width and MLP hidden width (trained heads only).
+    heads: "shared" (one trained head per layer embeds both sides) | "per_side" (the real and the
+      synthetic features each get their own head per layer, into one space: the paper's two
+      networks, expert and student in MTT; trained heads only).
     layer_weights: one weight >= 0 per layer for the weighted sum; None means 1 for every layer.
     mask: "hard" (same argmax label = positive) | "soft" (positive weight = p_syn . p_real).
     negatives: negatives of nce/nwj/js: "marginal" (every candidate, same label included: an MI
@@ -116,6 +122,7 @@ class MIConfig:
     critic: str = "cosine"
     reduce: str = "gap"
     head: str = "linear"
+    heads: str = "shared"
     embed_dim: int = 128
     hidden_dim: int = 512
     layer_weights: tuple[float, ...] | None = None
@@ -133,6 +140,7 @@ class MIConfig:
         check_choice("MI critic", self.critic, CRITICS)
         check_choice("MI feature reduction", self.reduce, REDUCTIONS)
         check_choice("MI head", self.head, HEADS)
+        check_choice("MI heads", self.heads, HEAD_SHARING)
         check_choice("MI positive mask", self.mask, MASKS)
         check_choice("MI negatives", self.negatives, NEGATIVES)
         _check_positive("MI temperature", self.temperature)
@@ -168,6 +176,11 @@ class MIConfig:
             raise ConfigError(
                 f"MI head {self.head!r} has no weights for critic {self.critic!r}; valid: "
                 "critic='cosine', or head 'linear' / 'mlp'"
+            )
+        if self.head in FITTED_HEADS and self.heads == "per_side":
+            raise ConfigError(
+                f"MI head {self.head!r} is refitted on the real batch and has no weights to keep "
+                "per side; valid: heads='shared', or head 'linear' / 'mlp'"
             )
         if self.head in FITTED_HEADS and self.bank_slots:
             raise ConfigError(
@@ -908,7 +921,8 @@ def embed(
     [Nr, K] (used by "lda" only). Returns ([Nr, D'], [Ns, D']) float32 unit vectors, D' =
     embed_dim for the trained heads, the reduced width for "none", min(width, Nr) for "lda".
 
-    - "linear" / "mlp": the trained ``ProjectionHead`` in ``head_params["proj"]``.
+    - "linear" / "mlp": the trained ``ProjectionHead`` in ``head_params["proj"]`` (with
+      ``heads="per_side"`` the synthetic side uses ``head_params["proj_syn"]``).
     - "none": reduce, standardise with the real batch's statistics, l2-normalise; the cosine
       critic then compares deviations from the real mean, not the component all images share.
     - "lda": as "none", then project onto the real batch's Fisher discriminant directions
@@ -919,7 +933,8 @@ def embed(
     if cfg.head in FITTED_HEADS:
         return _fitted_embeddings(cfg, real_feat, syn_feat, real_labels)
     head = _head(cfg)
-    return head.apply(head_params["proj"], real_feat), head.apply(head_params["proj"], syn_feat)
+    syn_proj = head_params["proj_syn" if cfg.heads == "per_side" else "proj"]
+    return head.apply(head_params["proj"], real_feat), head.apply(syn_proj, syn_feat)
 
 
 def _head(cfg: MIConfig) -> ProjectionHead:
@@ -940,8 +955,9 @@ def init_heads(
 
     key: PRNG key; feature_shapes: per layer a shape (N, h, w, c) (N ignored), an array or a
     jax.ShapeDtypeStruct (e.g. from ``jax.eval_shape`` of the model's features). config: MIConfig
-    options (head, reduce, embed_dim, hidden_dim, critic). Returns a tuple of per-layer params
-    {"proj": ProjectionHead variables, "bias": [] (critic offset), "w": [D, D] (bilinear only,
+    options (head, heads, reduce, embed_dim, hidden_dim, critic). Returns a tuple of per-layer
+    params {"proj": ProjectionHead variables, "proj_syn": the synthetic side's own head
+    (heads="per_side" only), "bias": [] (critic offset), "w": [D, D] (bilinear only,
     initialised to the identity)}; all of them are trained to maximise the bound. The fitted
     heads ("none", "lda") get {"bias": []} only: their embedding is refitted every step.
     """
@@ -965,6 +981,10 @@ def init_heads(
             "proj": _init_head(head, jax.random.fold_in(key, layer), dummy),
             "bias": bias(),
         }
+        if cfg.heads == "per_side":
+            # Keys apart from every layer's shared-head key, so "proj" is the same either way.
+            syn_key = jax.random.fold_in(jax.random.fold_in(key, layer), 1)
+            layer_params["proj_syn"] = _init_head(head, syn_key, dummy)
         if cfg.critic == "bilinear":
             layer_params["w"] = jnp.eye(cfg.embed_dim, dtype=jnp.float32)
         params.append(layer_params)

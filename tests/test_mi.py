@@ -969,3 +969,39 @@ def test_bad_arguments_raise_config_error(two_layer_problem):
     for call in calls:
         with pytest.raises(ConfigError):
             call()
+
+
+def test_per_side_heads_are_separate_parameters():
+    shapes = [(1, 4, 4, 6), (1, 2, 2, 8)]
+    shared = mi.init_heads(jax.random.PRNGKey(0), shapes, embed_dim=5)
+    sides = mi.init_heads(jax.random.PRNGKey(0), shapes, embed_dim=5, heads="per_side")
+    for one, two in zip(shared, sides, strict=True):
+        assert "proj_syn" not in one and set(two) == {"proj", "proj_syn", "bias"}
+        # The real side's head is the shared one; the synthetic side's is its own draw.
+        jax.tree.map(np.testing.assert_array_equal, one["proj"], two["proj"])
+        kernels = [two[side]["params"]["out"]["kernel"] for side in ("proj", "proj_syn")]
+        assert float(jnp.max(jnp.abs(kernels[0] - kernels[1]))) > 0  # (biases start at 0)
+    x = jax.random.normal(jax.random.PRNGKey(1), (6, 4, 4, 6))
+    labels = jnp.arange(6) % 3
+    z_real, z_syn = mi.embed(sides[0], x, x, labels, embed_dim=5, heads="per_side")
+    assert z_real.shape == z_syn.shape == (6, 5) and float(jnp.max(jnp.abs(z_real - z_syn))) > 0
+    z_real, z_syn = mi.embed(shared[0], x, x, labels, embed_dim=5)
+    np.testing.assert_allclose(z_real, z_syn, rtol=1e-6)
+
+    real = [jax.random.normal(jax.random.PRNGKey(2), (6, *s[1:])) for s in shapes]
+    syn = [jax.random.normal(jax.random.PRNGKey(3), (6, *s[1:])) for s in shapes]
+    grads = jax.grad(
+        lambda p: mi.mi_loss(p, real, syn, labels, labels, embed_dim=5, heads="per_side")[0]
+    )(sides)
+    for g in grads:  # both heads learn: the real side through z_real, the synthetic through z_syn
+        for side in ("proj", "proj_syn"):
+            assert max(float(jnp.max(jnp.abs(v))) for v in jax.tree.leaves(g[side])) > 0
+
+
+def test_per_side_heads_need_trained_heads():
+    with pytest.raises(
+        ConfigError, match="unknown MI heads 'both'; valid choices: 'shared', 'per_side'"
+    ):
+        mi.make_config(heads="both")
+    with pytest.raises(ConfigError, match="head 'lda' is refitted.*heads='shared'"):
+        mi.make_config(head="lda", heads="per_side")
