@@ -12,6 +12,9 @@ INITS = ("real", "noise")
 REMAT = ("auto", "on", "off")
 # mi.networks (MTT): real features from the expert ("paired") or from the student ("shared").
 MI_NETWORKS = ("paired", "shared")
+# mi.feature_nets (DM, DC/DSA): the MI term's features from the base method's own (random or
+# in-training) network, or from an expert checkpoint drawn each step (a trained feature space).
+MI_FEATURE_NETS = ("random", "experts")
 # mi.weight_mode: lambda = mi.weight, or mi.weight * |g_base| / |g_mi| (steps_core).
 MI_WEIGHT_MODES = ("absolute", "relative")
 # coreset.features: the space herding / k-center select in.

@@ -252,7 +252,8 @@ def build(
     )
 
     # Distillation (mode "distill"). outer_loop/inner_loop 0 = the reference's per-IPC values
-    # (objectives.dc_loops); eval_every 0 = evaluate at the end only. real_chunk: the forward
+    # (objectives.dc_loops); eval_every 0 = evaluate at the end only; eval_at: more iterations
+    # to evaluate at (e.g. (0, 100, 250) for a convergence curve). real_chunk: the forward
     # passes over real images that need no gradient (DM's real side, the MI term's real
     # features) in slices of about this many images (-1 = 64 on CPU, where it keeps the
     # activations in cache, and one pass on accelerators; 0 = one pass).
@@ -266,6 +267,7 @@ def build(
             momentum=0.5,
             dsa=True,
             eval_every=0,
+            eval_at=(),
             log_every=10,
             outer_loop=0,
             inner_loop=0,
@@ -351,6 +353,9 @@ def build(
             optimizer="adam",
             lr=1e-3,
             networks="paired",
+            through_unroll=False,
+            heads="shared",
+            feature_nets="random",
             bank_slots=0,
             bank_momentum=0.5,
         )
@@ -465,7 +470,14 @@ def _validate_distill(c: ml_collections.ConfigDict) -> None:
     """Checks the ``distill`` and ``mi`` blocks (names, ranges, MI options, DC loops)."""
     from mim4dd_jax import mi, objectives
     from mim4dd_jax import state as state_lib
-    from mim4dd_jax.choices import INITS, MI_NETWORKS, MI_WEIGHT_MODES, OPTIMIZERS, REMAT
+    from mim4dd_jax.choices import (
+        INITS,
+        MI_FEATURE_NETS,
+        MI_NETWORKS,
+        MI_WEIGHT_MODES,
+        OPTIMIZERS,
+        REMAT,
+    )
 
     d = c.distill
     check_choice("distill.optimizer", d.optimizer, OPTIMIZERS)
@@ -510,6 +522,26 @@ def _validate_distill(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"mi.weight must be >= 0, got {c.mi.weight!r}")
     check_choice("mi.networks", c.mi.networks, MI_NETWORKS)
     check_choice("mi.weight_mode", c.mi.weight_mode, MI_WEIGHT_MODES)
+    check_choice("mi.feature_nets", c.mi.feature_nets, MI_FEATURE_NETS)
+    if not isinstance(c.mi.through_unroll, bool):
+        raise ConfigError(f"mi.through_unroll must be True or False, got {c.mi.through_unroll!r}")
+    if c.mi.through_unroll and c.method != "mtt":
+        raise ConfigError(
+            f"mi.through_unroll is for method mtt (the student's unroll), not {c.method!r}; "
+            "valid: --config.method=mtt or mi.through_unroll=False"
+        )
+    if c.mi.feature_nets == "experts" and c.method not in ("dm", "dc", "dsa"):
+        raise ConfigError(
+            f"mi.feature_nets='experts' is for dm, dc and dsa, not {c.method!r} (MTT's MI "
+            "features already come from the expert and the student); valid: "
+            "mi.feature_nets='random'"
+        )
+    for it in d.eval_at:
+        if isinstance(it, bool) or not isinstance(it, int) or not 0 <= it <= d.iterations:
+            raise ConfigError(
+                f"distill.eval_at entry {it!r} is not an iteration; valid: integers in "
+                f"0..distill.iterations={d.iterations}"
+            )
     if not 0 <= c.mi.bank_momentum < 1:
         raise ConfigError(f"mi.bank_momentum must be in [0, 1), got {c.mi.bank_momentum!r}")
     check_choice("mtt.remat", c.mtt.remat, REMAT)

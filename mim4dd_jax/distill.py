@@ -67,8 +67,18 @@ from mim4dd_jax.steps_dc import train_on_synthetic  # noqa: F401
 from mim4dd_jax.steps_mtt import resolve_remat  # noqa: F401
 
 
+def needs_experts(config: Any) -> bool:
+    """MTT matches expert trajectories; DM/DC read them for ``mi.feature_nets="experts"``."""
+    if config.method == "mtt":
+        return True
+    return bool(config.mi.weight) and config.mi.feature_nets == "experts"
+
+
 def min_expert_epochs(config: Any) -> int:
-    """Epochs an expert needs: start epochs t < max_start_epoch, targets t + expert_epochs."""
+    """Epochs an expert needs: MTT's start epochs t < max_start_epoch and targets
+    t + expert_epochs; one trained epoch as an MI feature network."""
+    if config.method != "mtt":
+        return 1
     return int(config.mtt.max_start_epoch) - 1 + int(config.mtt.expert_epochs)
 
 
@@ -125,12 +135,26 @@ _RUN_FIELDS = (
 # While a run is unfinished its length and evaluation settings may change too. Once it has
 # finished (results.json exists) only distill.iterations may grow: other evaluation settings
 # would silently overwrite its results.
-_RESUMABLE_FIELDS = (*_RUN_FIELDS, "distill.iterations", "distill.eval_every", "eval")
+_RESUMABLE_FIELDS = (
+    *_RUN_FIELDS,
+    "distill.iterations",
+    "distill.eval_every",
+    "distill.eval_at",
+    "eval",
+)
 
 
 # Fields added after runs were already made, with the value that reproduces what those runs did:
 # a workdir whose config.json lacks such a field is the same run when the new value is this one.
-_ADDED_FIELDS = {"precision": "float32", "mi.weight_mode": "absolute", "microbatch": 0}
+_ADDED_FIELDS = {
+    "precision": "float32",
+    "mi.weight_mode": "absolute",
+    "microbatch": 0,
+    "mi.through_unroll": False,
+    "mi.heads": "shared",
+    "mi.feature_nets": "random",
+    "distill.eval_at": "()",
+}
 
 
 def _config_fingerprint(config: Any) -> dict[str, Any]:
@@ -206,8 +230,9 @@ class _StopRequest:
 def _load_experts(config: Any, dataset: data_lib.Dataset) -> Any:
     folder = config.mtt.experts_dir
     if not folder:
+        what = "mtt" if config.method == "mtt" else "mi.feature_nets='experts'"
         raise ConfigError(
-            "mtt needs expert trajectories: set --config.mtt.experts_dir to the workdir of "
+            f"{what} needs expert trajectories: set --config.mtt.experts_dir to the workdir of "
             "an experts run (python run.py --config=<dataset config>:experts --workdir=...)"
         )
     return experts_lib.load(
@@ -241,7 +266,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     check_plan(config, dataset.num_classes, mesh)
     if config.distill.init_from:
         read_init(config.distill.init_from, dataset, config)
-    experts = _load_experts(config, dataset) if config.method == "mtt" else None
+    experts = _load_experts(config, dataset) if needs_experts(config) else None
     check_same_run(io.check_workdir(workdir), config)
     workdir = io.prepare_workdir(workdir)
     dataset = data_lib.whiten_from_config(dataset, config.data, cache_dir=workdir)
@@ -301,6 +326,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         for r in results:
             tqdm.write(f"{config.method} ipc{config.ipc} it {iteration}: {r}")
 
+    eval_at = {int(i) for i in d.eval_at}
     logging.info("distilling %s ipc %d for %d iterations", config.method, config.ipc, d.iterations)
     bar = tqdm(
         range(start, d.iterations),
@@ -313,7 +339,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     window_start, window, consecutive_skips = time.perf_counter(), [], 0
     with _StopRequest() as stop:
         for it in bar:
-            if d.eval_every and it % d.eval_every == 0:
+            if (d.eval_every and it % d.eval_every == 0) or it in eval_at:
                 evaluate(it)
                 window_start, window = time.perf_counter(), []
             state, metrics = step(

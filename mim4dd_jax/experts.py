@@ -563,6 +563,22 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
+def draw_checkpoint(key: jax.Array, trajectories: jax.Array, *, min_epoch: int = 1) -> jax.Array:
+    """One expert checkpoint, drawn uniformly: expert e in [0, E), epoch in [min_epoch, T].
+
+    trajectories: [E, T + 1, P] (``load``). Returns the flat parameters [P] (``Experts.unravel``
+    makes them a pytree). ``fold_in(key, 0)`` draws the expert, ``fold_in(key, 1)`` the epoch;
+    min_epoch 1 skips the untrained init, so every draw is a network trained on real data.
+    """
+    chex.assert_rank(trajectories, 3)
+    num, last = trajectories.shape[0], trajectories.shape[1] - 1
+    if not 0 <= min_epoch <= last:
+        raise ConfigError(f"expert checkpoint epoch {min_epoch} is not in 0..{last}")
+    e = jax.random.randint(jax.random.fold_in(key, 0), (), 0, num)
+    t = jax.random.randint(jax.random.fold_in(key, 1), (), min_epoch, last + 1)
+    return trajectories[e, t]
+
+
 def _same_input_space(name: str, zca: bool) -> bool:
     """The meta fields that must match for trajectories to be usable by a distillation run: the
     data, the input space and the parameter layout, not how the experts were trained."""

@@ -46,6 +46,7 @@ _MI_FIELDS = (
     "critic",
     "reduce",
     "head",
+    "heads",
     "embed_dim",
     "hidden_dim",
     "layer_weights",

@@ -31,6 +31,7 @@ from jax.sharding import Mesh
 
 from mim4dd_jax import augment as augment_lib
 from mim4dd_jax import data as data_lib
+from mim4dd_jax import experts as experts_lib
 from mim4dd_jax import mi, objectives, sharding
 from mim4dd_jax.errors import ConfigError
 from mim4dd_jax.state import State
@@ -100,6 +101,22 @@ class StepContext:
         """
         return sharding.constrain(x, mesh=self.mesh, axis=0)
 
+    @property
+    def expert_features(self) -> bool:
+        """Whether the MI term takes its features from expert checkpoints (``mi.feature_nets``)."""
+        return bool(self.weight) and self.config.mi.feature_nets == "experts"
+
+    def expert_variables(self, key: jax.Array, experts: jax.Array) -> dict[str, Any]:
+        """{"params"} of one expert checkpoint [E, T+1, P] drawn with ``key`` at a trained epoch
+        (``experts.draw_checkpoint``): the MI term's trained feature network for this step."""
+        if experts is None:
+            raise ConfigError(
+                "mi.feature_nets='experts' needs expert trajectories; valid: "
+                "--config.mtt.experts_dir=<the workdir of an experts run>"
+            )
+        unravel, _ = experts_lib.unravelers(self.model, self.shape)
+        return {"params": unravel(experts_lib.draw_checkpoint(key, experts))}
+
     def mi_labels(self, st: State) -> jax.Array:
         """The synthetic side's labels for the MI positives: the class ids [C * ipc], or with
         ``mi.mask="soft"`` and learned soft labels (MTT) their probabilities [C * ipc, C]
@@ -123,7 +140,10 @@ class StepContext:
         ``mi_features(images, carry) -> (real_blocks, syn_blocks)`` gives the per-block features
         of the real batch [C * n_real, ...] (class-major, no gradient) and of the synthetic
         images [C * ipc, ...] through the network(s) the base loss used, held fixed (``carry``
-        arrives stop-gradient). The two image gradients are taken separately, so they can be
+        arrives stop-gradient); with ``mi.through_unroll`` (MTT) ``carry`` keeps its gradient,
+        so the MI term also pulls on the images through the networks the base loss built from
+        them (the student's unroll), see :func:`_joint_grads`. The two image gradients are
+        taken separately, so they can be
         logged and weighted: ``mi.weight_mode="absolute"`` adds weight * g_mi, "relative" adds
         lambda * g_mi with lambda = weight * |g_base| / |g_mi| (so weight is the ratio of the
         two pulls). Only the images and the heads get MI gradient (never MTT's lr or labels).
@@ -132,26 +152,26 @@ class StepContext:
         """
         parts, txs, real_labels = self.parts, self.txs, self.real_labels
         learned = {name: st[name] for name in parts}
-        (base, (aux, carry)), grads = jax.value_and_grad(base_fn, has_aux=True)(learned, st, *args)
         keep = st["trainable"].astype(jnp.float32).reshape(-1, *([1] * len(self.shape)))
-        g_base = grads["images"] * keep
-        norm_base = jnp.sqrt(jnp.sum(g_base * g_base))
-        metrics: Metrics = {"base_loss": base, **aux, "grad_norm_base": norm_base}
-        total = base
         new, opt = dict(st), dict(st["opt_state"])
-        if self.weight:
+        if not self.weight:
+            (base, (aux, _)), grads = jax.value_and_grad(base_fn, has_aux=True)(learned, st, *args)
+            g_base = grads["images"] * keep
+            norm_base = jnp.sqrt(jnp.sum(g_base * g_base))
+            metrics: Metrics = {"base_loss": base, **aux, "grad_norm_base": norm_base}
+            total = base
+        else:
             if mi_features is None:
                 raise ConfigError(
                     f"method {self.config.method!r} does not provide MI features; valid: "
                     "mi.weight=0 for it"
                 )
-            carry = lax.stop_gradient(carry)
             syn_labels, banks = self.mi_labels(st), st.get("banks")
 
-            def mi_fn(mi_learned: State) -> tuple[jax.Array, dict[str, Any]]:
-                real_blocks, syn_blocks = mi_features(mi_learned["images"], carry)
+            def mi_term(images: jax.Array, heads: Any, carry: Any) -> tuple[jax.Array, Any]:
+                real_blocks, syn_blocks = mi_features(images, carry)
                 return mi.mi_loss(
-                    mi_learned["heads"],
+                    heads,
                     [lax.stop_gradient(real_blocks[layer]) for layer in self.layers],
                     [syn_blocks[layer] for layer in self.layers],
                     real_labels,
@@ -160,8 +180,24 @@ class StepContext:
                     **self.mi_opts,
                 )
 
-            mi_in = {"images": learned["images"], "heads": learned["heads"]}
-            (mi_value, mi_aux), g_mi = jax.value_and_grad(mi_fn, has_aux=True)(mi_in)
+            if self.config.mi.through_unroll:
+                base, aux, mi_value, mi_aux, grads, g_mi = _joint_grads(
+                    base_fn, mi_term, learned, st, args
+                )
+            else:
+                (base, (aux, carry)), grads = jax.value_and_grad(base_fn, has_aux=True)(
+                    learned, st, *args
+                )
+                # The networks in carry are held fixed: the MI gradient reaches the images
+                # through their features only.
+                carry = lax.stop_gradient(carry)
+                mi_in = {"images": learned["images"], "heads": learned["heads"]}
+                (mi_value, mi_aux), g_mi = jax.value_and_grad(
+                    lambda x: mi_term(x["images"], x["heads"], carry), has_aux=True
+                )(mi_in)
+            g_base = grads["images"] * keep
+            norm_base = jnp.sqrt(jnp.sum(g_base * g_base))
+            metrics = {"base_loss": base, **aux, "grad_norm_base": norm_base}
             g_mi_images = g_mi["images"] * keep
             norm_mi = jnp.sqrt(jnp.sum(g_mi_images * g_mi_images))
             if self.config.mi.weight_mode == "relative":
@@ -204,6 +240,36 @@ class StepContext:
             ok &= new["syn_lr"] > 0
         new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, st)
         return new, {"loss": total, **metrics, "skipped": (~ok).astype(jnp.int32)}
+
+
+def _joint_grads(
+    base_fn: BaseLossFn,
+    mi_term: Callable[[jax.Array, Any, Any], tuple[jax.Array, Any]],
+    learned: State,
+    st: State,
+    args: tuple[Any, ...],
+) -> tuple[jax.Array, Metrics, jax.Array, Any, State, State]:
+    """The base and MI gradients when the MI term differentiates through the base loss's
+    networks too (``mi.through_unroll``: MTT's student is a function of the images).
+
+    One forward pass (the unroll runs once) and one batched backward pass: ``jax.vjp`` of
+    (base, mi) pulled back with the cotangents (1, 0) and (0, 1) under ``vmap``. The two image
+    gradients stay apart for the relative weight and the diagnostics. Returns (base, aux,
+    mi_value, mi_aux, grads of the base loss by learned part, {"images", "heads"} of the MI
+    term); the MI gradient on MTT's lr and labels is dropped, as without ``through_unroll``.
+    """
+
+    def joint(x: State) -> tuple[tuple[jax.Array, jax.Array], tuple[Metrics, Any]]:
+        base, (aux, carry) = base_fn(x, st, *args)
+        mi_value, mi_aux = mi_term(x["images"], x["heads"], carry)
+        return (base, mi_value), (aux, mi_aux)
+
+    (base, mi_value), pull, (aux, mi_aux) = jax.vjp(joint, learned, has_aux=True)
+    eye = jnp.eye(2, dtype=base.dtype)
+    (both,) = jax.vmap(pull)((eye[:, 0], eye[:, 1]))
+    grads = jax.tree.map(lambda g: g[0], both)
+    g_mi = {name: jax.tree.map(lambda g: g[1], both[name]) for name in ("images", "heads")}
+    return base, aux, mi_value, mi_aux, grads, g_mi
 
 
 # A step builder: StepContext -> the method's step body (registered in mim4dd_jax.steps).

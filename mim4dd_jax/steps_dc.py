@@ -6,11 +6,13 @@ matching, each on a freshly drawn real batch; between two of them the network tr
 ``distill.lr_net`` (the reference's 0.01, no momentum), with per-sample DSA for DSA. The loop
 over outer steps is a ``lax.scan`` inside the step. With MI, the network at that outer step
 gives both the real and the synthetic features, on the batches and siamese DSA views that the
-base loss matched.
+base loss matched; with ``mi.feature_nets="experts"`` an expert checkpoint drawn at each outer
+step gives both instead (a trained feature space), while the base loss keeps its network.
 
 Randomness: ``fold_in(key, 0)`` draws the network, outer step ``o`` uses
-``k = fold_in(fold_in(key, 1), o)`` (``fold_in(k, 0)``: real batch, ``fold_in(k, 1)``: DSA) and
-the network training after it ``fold_in(fold_in(key, 2), o)``.
+``k = fold_in(fold_in(key, 1), o)`` (``fold_in(k, 0)``: real batch, ``fold_in(k, 1)``: DSA,
+``fold_in(k, 2)``: the expert checkpoint) and the network training after it
+``fold_in(fold_in(key, 2), o)``.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def build(ctx: StepContext) -> BaseStep:
     # Measured (BENCHMARKS.md): XLA then gathers the real batch and runs DC replicated.
     warn_uneven("classes", num_classes, ctx.mesh, "the step runs replicated, no speed-up")
 
-    def loss_fn(learned, st, variables, real_x, aug_key):
+    def loss_fn(learned, st, variables, real_x, aug_key, expert_net):
         syn_x = ctx.by_class(learned["images"].reshape(num_classes, ipc, *shape))
         state = {k: v for k, v in variables.items() if k != "params"}
         base = objectives.dc_loss(
@@ -100,7 +102,9 @@ def build(ctx: StepContext) -> BaseStep:
             state=state,
             real_groups=dc_groups,
         )
-        return base, ({}, (variables, real_x, aug_key) if ctx.weight else None)
+        if not ctx.weight:
+            return base, ({}, None)
+        return base, ({}, (variables if expert_net is None else expert_net, real_x, aug_key))
 
     def mi_features(images, carry):
         # The same views dc_loss matched: class c augmented with split(aug_key, C)[c].
@@ -108,7 +112,7 @@ def build(ctx: StepContext) -> BaseStep:
         syn_x = ctx.by_class(images.reshape(num_classes, ipc, *shape))
         return siamese_blocks(model, variables, variables, real_x, syn_x, aug_key, strategy, chunk)
 
-    def dc_step(state: State, key: jax.Array, real_images: jax.Array, index: Any, _experts):
+    def dc_step(state: State, key: jax.Array, real_images: jax.Array, index: Any, experts):
         outer, inner_epochs = outer_inner(config)
         variables = inner.init_variables(model, jax.random.fold_in(key, 0), shape)
         outer_key, train_key = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
@@ -121,8 +125,17 @@ def build(ctx: StepContext) -> BaseStep:
             variables = objectives.refresh_batch_stats(
                 variables, flat(real_x[:, :_BN_REAL_PER_CLASS]), model=model
             )
+            expert_net = None
+            if ctx.expert_features:
+                expert_net = ctx.expert_variables(jax.random.fold_in(k, 2), experts)
             st, metrics = ctx.grad_and_update(
-                loss_fn, st, variables, real_x, jax.random.fold_in(k, 1), mi_features=mi_features
+                loss_fn,
+                st,
+                variables,
+                real_x,
+                jax.random.fold_in(k, 1),
+                expert_net,
+                mi_features=mi_features,
             )
             if outer > 1:
                 train = functools.partial(

@@ -9,10 +9,13 @@ momentum 0.5) on the lr itself. The reference does not keep it positive; here a 
 make it <= 0 is rejected by the numerical guard like a non-finite one.
 
 With MI, the synthetic features come from the student after its unroll (on all synthetic
-images; the student held fixed, so the MI gradient reaches the images only, not through the
-unroll, and never the lr or labels) and the real ones from the expert at t + expert_epochs (on
-a fresh class-balanced real batch, the same siamese views per class). ``mi.networks = "shared"``
-sends the real batch through the student instead.
+images) and the real ones from the expert at t + expert_epochs (on a fresh class-balanced real
+batch, the same siamese views per class): the paper's two networks, one trained on the real
+data and one on the synthetic set. By default the student is held fixed for the MI term, so
+the MI gradient reaches the images through their features only; ``mi.through_unroll`` lets it
+also flow back through the student's unroll (one forward unroll, one batched backward pass:
+``steps_core._joint_grads``). Either way it never trains the lr or the labels.
+``mi.networks = "shared"`` sends the real batch through the student instead.
 
 Randomness: ``fold_in(key, 0)`` draws the (expert, start) pairs, ``fold_in(key, 1)`` the
 student minibatches and DSA (split per pair), ``fold_in(key, 2)`` the MI real batch and
@@ -99,9 +102,8 @@ def build(ctx: StepContext) -> BaseStep:
         return base, ({"syn_lr": lr}, carry)
 
     def mi_features(images, carry):
-        # The student after its unroll is held fixed here (as DM holds its random network):
-        # the MI gradient reaches the images through their features only, never through the
-        # unroll, so MTT's learned lr and labels get none and no second backward pass is run.
+        # carry arrives stop-gradient unless mi.through_unroll (then the student is a function
+        # of the images and the MI gradient flows back through its unroll too).
         student, real_net, real_x, aug_key = carry
         return siamese_blocks(
             model,

@@ -171,3 +171,20 @@ def test_load_keeps_long_enough_experts_truncated_to_the_shortest(npz_path, fres
     np.testing.assert_array_equal(both.trajectories[1], rec["params"][:2])
     longest = experts.load(str(tmp_path), dataset=dataset, config=config, min_epochs=2)
     assert longest.trajectories.shape[:2] == (1, 3)
+
+
+def test_draw_checkpoint_is_a_function_of_the_key_and_skips_the_init():
+    # [E=3, T+1=4, P=2]: row (e, t) holds (e, t), so a draw names itself.
+    grid = np.stack(np.meshgrid(np.arange(3), np.arange(4), indexing="ij"), -1).astype(np.float32)
+    traj = jax.numpy.asarray(grid)
+    key = jax.random.key(7)
+    draws = [experts.draw_checkpoint(jax.random.fold_in(key, it), traj) for it in range(200)]
+    again = [experts.draw_checkpoint(jax.random.fold_in(key, it), traj) for it in range(200)]
+    np.testing.assert_array_equal(np.stack(draws), np.stack(again))
+    pairs = {tuple(int(v) for v in d) for d in draws}
+    assert pairs == {(e, t) for e in range(3) for t in (1, 2, 3)}  # every trained checkpoint
+    jitted = jax.jit(experts.draw_checkpoint, static_argnames="min_epoch")
+    np.testing.assert_array_equal(jitted(jax.random.fold_in(key, 5), traj), draws[5])
+    assert int(experts.draw_checkpoint(key, traj, min_epoch=3)[1]) == 3
+    with pytest.raises(ConfigError, match="epoch 4 is not in 0..3"):
+        experts.draw_checkpoint(key, traj, min_epoch=4)

@@ -200,3 +200,101 @@ def test_experts_then_mtt_with_mi_end_to_end_on_fashion_mnist(tmp_path):
     with np.load(workdir / "distilled.npz") as npz:
         assert npz["images"].shape == (10, 28, 28, 1)
         assert npz["lr"] == pytest.approx(steps[-1]["syn_lr"], rel=0.05)  # the learned lr
+
+
+def _joint_image_gradient(config, dataset, trajectories, images0, heads, weight):
+    """d/d images of mtt_loss + weight * mi_loss, the MI term's synthetic features taken through
+    the student after its unroll (so through the unroll), written out with the public parts and
+    the key layout steps_mtt documents."""
+    from mim4dd_jax import mi, state, steps, steps_core
+
+    model = evaluate.build_model(config, C)
+    _, unravel = ravel_pytree(inner.init_variables(model, KEY, (HW, HW, 1))["params"])
+    key = jax.random.fold_in(KEY, 100)
+    pair_key, unroll_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
+    real_key, aug_key = jax.random.fold_in(key, 2), jax.random.fold_in(key, 3)
+    e = jax.random.randint(jax.random.fold_in(pair_key, 0), (1,), 0, EXPERTS)[0]
+    t = jax.random.randint(jax.random.fold_in(pair_key, 1), (1,), 0, 2)[0]
+    start, target = unravel(trajectories[e, t]), unravel(trajectories[e, t + 1])
+    strategy = augment.strategy_for_dataset("crop_flip", "fake")
+    n_real = 5  # distill.batch_real of the tiny config
+    index = data.class_index(dataset.train_labels, C)
+    real_x = jnp.asarray(dataset.train_images)[data.sample_per_class(real_key, index, n_real)]
+    opts = state.mi_options(config.mi)
+
+    def joint(images):
+        final = objectives.student_unroll(
+            start,
+            images,
+            objectives.class_labels(C, IPC),
+            jnp.float32(0.01),
+            jax.random.split(unroll_key, 1)[0],
+            model=model,
+            syn_steps=3,
+            batch_syn=4,
+            dsa_strategy=strategy,
+        )
+        real_blocks, syn_blocks = steps_core.siamese_blocks(
+            model,
+            {"params": target},
+            {"params": final},
+            real_x,
+            images.reshape(C, IPC, HW, HW, 1),
+            aug_key,
+            strategy,
+            steps.real_chunk(config),
+        )
+        mi_value, _ = mi.mi_loss(
+            heads,
+            [jax.lax.stop_gradient(b) for b in real_blocks],
+            list(syn_blocks),
+            objectives.class_labels(C, n_real),
+            objectives.class_labels(C, IPC),
+            **opts,
+        )
+        return objectives.mtt_loss(final, start, target) + weight * mi_value
+
+    return jax.grad(joint)(jnp.asarray(images0))
+
+
+def test_mi_through_the_unroll_is_autodiff_of_the_joint_loss(dataset, trajectories):
+    """mi.through_unroll: the image update is SGD on d(base + w * mi)/d images with the MI
+    features through the unrolled student; holding the student fixed gives another update, and
+    the base gradient is the same either way."""
+    weight, updates, histories = 0.5, {}, {}
+    for through in (True, False):
+        config = make_config(
+            **{"mi.weight": weight, "mi.through_unroll": through, "mi.heads": "per_side"}
+        )
+        init = distill.init_state(jax.random.fold_in(KEY, 0), dataset, config)
+        images0 = np.array(init["images"])
+        heads = jax.tree.map(np.array, init["heads"])
+        state, histories[through], _ = run_steps(config, dataset, trajectories, 1, state=init)
+        updates[through] = np.asarray(state["images"]) - images0
+    g = _joint_image_gradient(config, dataset, trajectories, images0, heads, weight)
+    tx = optax.sgd(10.0, momentum=0.5)
+    expected, _ = tx.update(g, tx.init(g))
+    np.testing.assert_allclose(updates[True], expected, rtol=2e-4, atol=1e-6)
+    assert np.max(np.abs(updates[True] - updates[False])) > 1e-3 * np.max(np.abs(expected))
+    a, b = histories[True][0], histories[False][0]
+    np.testing.assert_allclose(a["grad_norm_base"], b["grad_norm_base"], rtol=1e-5)
+    np.testing.assert_allclose(a["base_loss"], b["base_loss"], rtol=1e-6)
+    assert a["skipped"] == 0 and np.all(np.isfinite(a["mi"]))
+
+
+def test_mi_through_the_unroll_keeps_the_relative_weight(dataset, trajectories):
+    config = make_config(
+        **{"mi.weight": 0.3, "mi.weight_mode": "relative", "mi.through_unroll": True}
+    )
+    _, history, step = run_steps(config, dataset, trajectories, 2)
+    for m in history:
+        assert m["skipped"] == 0 and m["mi_lambda"] > 0
+        np.testing.assert_allclose(m["grad_ratio"], 0.3, rtol=1e-4)
+    assert step._cache_size() == 1
+
+
+def test_through_unroll_is_refused_outside_mtt():
+    from mim4dd_jax import config as config_lib
+
+    with pytest.raises(ConfigError, match="mi.through_unroll is for method mtt.*'dm'"):
+        config_lib.validate(tiny_config("dm,ipc1", **{"mi.through_unroll": True}))
