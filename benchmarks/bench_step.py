@@ -178,6 +178,7 @@ def build(spec: dict):
         overrides["distill.batch_real"] = spec["batch_real"]
     if method == "mtt":
         overrides.update({"mtt.syn_steps": spec["syn_steps"], "mtt.remat": spec["remat"]})
+        overrides["mi.through_unroll"] = spec.get("mi_unroll", "off") == "on"
         if spec.get("batch_syn") is not None:
             overrides["mtt.batch_syn"] = spec["batch_syn"]
     if method in ("dc", "dsa") and spec.get("dc_loops"):
@@ -384,8 +385,11 @@ def grid_specs(args, common: dict) -> list[dict]:
             loops = _csv(args.dc_loops, int) if args.dc_loops else None
             specs.append({**row, "dc_loops": loops})
         elif method == "mtt":
-            for steps, remat in itertools.product(_csv(args.syn_steps, int), _csv(args.remat)):
-                specs.append({**row, "syn_steps": steps, "remat": remat})
+            unrolls = _csv(args.mi_unroll) if mi_w else ["off"]
+            for steps, remat, unroll in itertools.product(
+                _csv(args.syn_steps, int), _csv(args.remat), unrolls
+            ):
+                specs.append({**row, "syn_steps": steps, "remat": remat, "mi_unroll": unroll})
         else:
             chunks = _csv(args.real_chunk, int) if args.real_chunk else [None]
             batches = _csv(args.batch_real, int) if args.batch_real else [None]
@@ -400,6 +404,8 @@ def _label(r: dict) -> str:
         extra = f" loops {r['outer']}x{r['inner']}" if "outer" in r else ""
     if r["method"] == "mtt":
         extra = f" S{r['syn_steps']} B{r.get('batch_syn', '?')} remat {r['remat']}"
+        if r.get("mi_unroll") == "on":
+            extra += " MI through unroll"
     if r["method"] == "net":
         extra = f" train step B{r['net_batch']}"
     if r.get("real_chunk") is not None:
@@ -453,6 +459,9 @@ def main() -> None:
     p.add_argument("--syn_steps", default="20", help="MTT syn_steps values")
     p.add_argument("--remat", default="on,off", help="MTT mtt.remat values")
     p.add_argument("--batch_syn", type=int, default=None, help="MTT minibatch (default: config)")
+    p.add_argument(
+        "--mi_unroll", default="off", help="MTT rows with MI: mi.through_unroll values (off,on)"
+    )
     p.add_argument("--dc_loops", default="", help="outer,inner for DC/DSA (default: reference)")
     p.add_argument("--grid", action="store_true", help="the full grid of the issue")
     p.add_argument(
