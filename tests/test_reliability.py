@@ -378,19 +378,46 @@ def test_bad_input_gives_one_line_and_leaves_the_workdir_alone(tmp_path, inputs,
     assert snapshot(workdir) == before if existing else not workdir.exists()
 
 
+# Root ignores file permissions through CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH. setpriv drops
+# both from the bounding and inheritable sets, so the child (still uid 0, so it can run an
+# interpreter installed under /root) is refused as any user would be.
+_DROP_DAC = "-dac_override,-dac_read_search"
+SETPRIV = ("setpriv", f"--bounding-set={_DROP_DAC}", f"--inh-caps={_DROP_DAC}", "--")
+
+
 def _without_root():
-    """``subprocess.run`` arguments that drop root, which ignores permissions: run as "nobody"
-    (skips where "nobody" cannot start this interpreter, e.g. one installed under /root)."""
+    """``run_cli`` arguments under which permissions apply: none for a normal user; as root,
+    the setpriv prefix above, else (no setpriv, or no CAP_SETPCAP to drop a capability) the
+    user "nobody". Skips only where neither can be had, saying why."""
     if os.geteuid() != 0:
         return {}
+    probe_dir = pathlib.Path(tempfile.mkdtemp(prefix="setpriv_probe_"))
+    try:
+        probe_dir.chmod(0o555)
+        write = f"open({str(probe_dir / 'x')!r}, 'w')"
+        try:
+            probe = subprocess.run([*SETPRIV, sys.executable, "-c", write], capture_output=True)
+            setpriv_why = probe.stderr.decode(errors="replace").strip().splitlines()[-1:]
+            if probe.returncode and b"PermissionError" in probe.stderr:
+                return {"prefix": SETPRIV}  # the capability is gone: permissions apply
+            setpriv_why = setpriv_why or ["the write was allowed"]
+        except OSError as e:
+            setpriv_why = [e.strerror]
+    finally:
+        probe_dir.chmod(0o755)
+        shutil.rmtree(probe_dir)
     user = dict(user=65534, group=65534, extra_groups=[])
     try:
         probe = subprocess.run([sys.executable, "-c", ""], capture_output=True, **user)
+        nobody_why = f"exit code {probe.returncode}"
     except OSError as e:
-        pytest.skip(f"running as root, and 'nobody' cannot run {sys.executable} ({e.strerror})")
-    if probe.returncode:
-        pytest.skip(f"running as root, and 'nobody' cannot run {sys.executable}")
-    return user
+        probe, nobody_why = None, e.strerror
+    if probe is not None and probe.returncode == 0:
+        return user
+    pytest.skip(
+        f"running as root: setpriv cannot drop CAP_DAC_OVERRIDE ({setpriv_why[0]}) and "
+        f"'nobody' cannot run {sys.executable} ({nobody_why})"
+    )
 
 
 @pytest.mark.parametrize("existing", [False, True])
