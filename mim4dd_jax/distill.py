@@ -131,6 +131,7 @@ _RESUMABLE_FIELDS = (*_RUN_FIELDS, "distill.iterations", "distill.eval_every", "
 # Fields added after runs were already made, with the value that reproduces what those runs did:
 # a workdir whose config.json lacks such a field is the same run when the new value is this one.
 _ADDED_FIELDS = {"precision": "float32", "mi.weight_mode": "absolute", "microbatch": 0}
+_ADDED_FIELDS["distill.init_from_range"] = ""  # issue 28
 
 
 def _config_fingerprint(config: Any) -> dict[str, Any]:

@@ -83,6 +83,40 @@ def prepare_workdir(workdir: str) -> str:
     return workdir
 
 
+def read_npz(path: str, what: str, hint: str) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` at ``path``; ConfigError, naming ``what`` and ending with
+    ``hint`` (how to make a good one), for a folder, a missing file, a single ``.npy`` array, a
+    text file or anything else that is not an ``.npz``."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, "distilled.npz")
+        where = f"; did you mean {inside!r}?" if os.path.isfile(inside) else ""
+        raise ConfigError(f"{what} is a folder, not an .npz file{where}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what}: no such file; {hint}")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        raise ConfigError(f"{what} cannot be read ({e.strerror})") from None
+    if head.startswith(b"\x93NUMPY"):
+        raise ConfigError(f"{what} is a single .npy array, not an .npz; {hint}")
+    if not head:
+        raise ConfigError(f"{what} is an empty file, not an .npz; {hint}")
+    if not head.startswith(b"PK"):  # every .npz is a zip archive
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError:  # (or a multi-byte character cut at byte 512)
+            text = head[:-4].decode("utf-8", errors="replace")
+        is_text = all(c.isprintable() or c.isspace() for c in text) and "\ufffd" not in text
+        kind = "a text file" if is_text else "not a zip archive"
+        raise ConfigError(f"{what} is {kind}, not an .npz; {hint}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise ConfigError(f"{what} is not a readable .npz ({e}); {hint}") from None
+
+
 def save_distilled(
     path: str,
     images: np.ndarray,
@@ -103,6 +137,9 @@ def save_distilled(
         labels=np.asarray(labels),
         lr=np.float32(lr),
         config=np.asarray(json.dumps(dict(config), sort_keys=True, default=str)),
+        # What the images' numbers are (data.PIXEL_RANGES): evaluate mode and init_from read it
+        # instead of guessing (distilled pixels may leave [0, 1]: they are not clipped).
+        pixel_range=np.asarray("0_1"),
         **{k: np.asarray(v) for k, v in extra.items()},
     )
 
