@@ -44,7 +44,9 @@ Each (cell, seed) is one ``run.py`` process with its workdir in
   the last sitting stopped), and collects one whose workdir finished but was never collected;
 - resumes an interrupted seed from its checkpoints (run.py resumes from its workdir); the child
   gets SIGTERM when the runner dies (``kill -9`` included), so it checkpoints and stops, and a
-  rerun loses at most one ``distill.checkpoint_every`` interval;
+  rerun loses at most one ``distill.checkpoint_every`` interval; after a ``kill -9`` of both,
+  run.py cuts ``metrics.jsonl`` back to its last checkpoint, so every step is traced once, and
+  the wall time sums every sitting (a killed one up to its last write);
 - writes ``runs/study/<study>/table.md`` and ``table.csv`` (per cell: final and best accuracy
   mean ± std over seeds, each seed being its mean over the evaluation models; seeds, models,
   iterations, s/iter, peak RSS, wall time; the published number and the difference),
@@ -453,11 +455,31 @@ def workdir_of(study: Study, cell: Cell, seed: int) -> str:
 
 
 def _runner_record(workdir: str) -> dict[str, Any]:
+    """study_runner.json: ``sittings`` (run.py starts), ``wall_s`` (their summed wall time) and,
+    while a sitting runs, ``open`` (its start time)."""
     path = os.path.join(workdir, "study_runner.json")
     if not os.path.isfile(path):
         return {"wall_s": 0.0, "sittings": 0}
     with open(path) as f:
         return json.load(f)
+
+
+def _last_alive(workdir: str) -> float:
+    """When the run in ``workdir`` last wrote anything (its log, metrics, checkpoints): the end
+    of a sitting whose runner was killed with it."""
+    paths = [workdir + ".log", workdir, os.path.join(workdir, "checkpoints")]
+    paths += [os.path.join(workdir, n) for n in ("metrics.jsonl", "distilled.npz", "results.json")]
+    return max((os.path.getmtime(p) for p in paths if os.path.exists(p)), default=0.0)
+
+
+def _close_sitting(workdir: str, record: dict[str, Any], end: float | None = None) -> None:
+    """Adds an open sitting's time to ``wall_s``: up to ``end``, or, for a sitting whose runner
+    died without closing it (``kill -9`` of the whole process group), up to the run's last
+    sign of life."""
+    start = record.pop("open", None)
+    if start is not None:
+        end = _last_alive(workdir) if end is None else end
+        record["wall_s"] += max(0.0, end - start)
 
 
 def run_seed(study: Study, cell: Cell, seed: int, *, quiet: bool = False) -> int:
@@ -467,12 +489,14 @@ def run_seed(study: Study, cell: Cell, seed: int, *, quiet: bool = False) -> int
     argv = command(cell, seed, workdir)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     print(f"[{study.name}] {cell.name} seed {seed}: {' '.join(argv[1:])}", flush=True)
-    start = time.time()
     log_path = workdir + ".log"
-    # Counted at the start, so that a SIGKILLed sitting counts too.
+    # Counted at the start, so that a SIGKILLed sitting counts too; its time is closed at its
+    # end, or by the next sitting when the runner was killed with its child.
     os.makedirs(workdir, exist_ok=True)
     record = _runner_record(workdir)
+    _close_sitting(workdir, record)
     record["sittings"] += 1
+    record["open"] = time.time()
     io.write_json(os.path.join(workdir, "study_runner.json"), record)
     with open(log_path, "a") as log:
         child = subprocess.Popen(
@@ -489,9 +513,8 @@ def run_seed(study: Study, cell: Cell, seed: int, *, quiet: bool = False) -> int
             code = child.wait()
             raise
         finally:
-            # The wall time of a sitting is added when it ends (a SIGKILLed one adds none).
             record = _runner_record(workdir)
-            record["wall_s"] += time.time() - start
+            _close_sitting(workdir, record, end=time.time())
             io.write_json(os.path.join(workdir, "study_runner.json"), record)
     return code
 
@@ -533,7 +556,7 @@ def collect(study: Study, cell: Cell, seed: int) -> dict[str, Any]:
         # The first log window includes compilation: the median ignores it.
         "s_per_iter": float(_median(timed[1:] or timed)) if timed else None,
         "peak_rss_bytes": max(rss) if rss else None,
-        "wall_s": _runner_record(workdir)["wall_s"] or None,
+        "wall_s": _wall_s(workdir) or None,
         "last_metrics": scalars,
         "trace": trace(rows),
         "results": results,
@@ -542,6 +565,13 @@ def collect(study: Study, cell: Cell, seed: int) -> dict[str, Any]:
     os.makedirs(os.path.dirname(result_path(study, cell, seed)), exist_ok=True)
     io.write_json(result_path(study, cell, seed), record, indent=1, sort_keys=True)
     return record
+
+
+def _wall_s(workdir: str) -> float:
+    """The summed wall time of every sitting of a run, an unclosed last one included."""
+    record = _runner_record(workdir)
+    _close_sitting(workdir, record)
+    return float(record["wall_s"])
 
 
 # Per logged step, what the MI diagnostics plot and table need (a few KB per run).

@@ -9,7 +9,7 @@ import os
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from io import BytesIO as _BytesIO
 from typing import IO, Any
 
@@ -257,6 +257,16 @@ class MetricWriter:
         if self._events is not None:
             self._events.scalars(int(step), row["time"], dict(_scalars("", row)))
 
+    def resume_at(self, step: int, keep: Callable[[dict[str, Any]], bool] | None = None) -> None:
+        """Before a resumed run appends: cuts ``metrics.jsonl`` back to the rows of steps <=
+        ``step`` (those with ``keep(row)`` False go too), atomically, so that the steps a killed
+        run logged after its last checkpoint, which the resumed run redoes, appear once. In
+        TensorBoard, a SessionLog.START at ``step + 1`` makes it drop the older events of later
+        steps (its purge of orphaned data; the events files are append-only)."""
+        cut_metrics(self.path, step, keep)
+        if self._events is not None:
+            self._events.start(int(step) + 1, time.time())
+
     def write_image(self, step: int, tag: str, image: bytes | np.ndarray) -> None:
         """A TensorBoard image summary (e.g. the synthetic set's grid) at ``step``, shown in
         TensorBoard's Images tab next to the scalars. ``image``: encoded PNG bytes, or an
@@ -264,6 +274,28 @@ class MetricWriter:
         the tensorboard package) it does nothing."""
         if self._events is not None:
             self._events.image(int(step), time.time(), tag, png_bytes(image))
+
+
+def cut_metrics(path: str, step: int, keep: Callable[[dict[str, Any]], bool] | None = None) -> int:
+    """Keeps the rows of the ``metrics.jsonl`` at ``path`` whose step is <= ``step`` (and, with
+    ``keep``, for which it is True), byte for byte, and drops a torn last line; the file is
+    replaced atomically (unchanged when nothing goes). Returns how many rows were dropped."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path, "rb") as f:
+        lines = f.read().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # torn by a kill mid-write
+        if int(row["step"]) <= step and (keep is None or keep(row)):
+            kept.append(line if line.endswith(b"\n") else line + b"\n")
+    if len(kept) != len(lines) or (lines and not lines[-1].endswith(b"\n")):
+        with atomic_write(path) as f:
+            f.write(b"".join(kept))
+    return len(lines) - len(kept)
 
 
 def _scalars(prefix: str, value: Any) -> Iterator[tuple[str, float]]:
@@ -301,6 +333,15 @@ class _EventWriter:
 
         summary = summary_pb2.Summary(value=values)
         self._writer.add_event(event_pb2.Event(wall_time=wall_time, step=step, summary=summary))
+        self._writer.flush()
+
+    def start(self, step: int, wall_time: float) -> None:
+        """A SessionLog.START at ``step``: TensorBoard discards earlier-read events of steps >=
+        ``step`` (a restarted run's orphaned data)."""
+        from tensorboard.compat.proto import event_pb2
+
+        log = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+        self._writer.add_event(event_pb2.Event(wall_time=wall_time, step=step, session_log=log))
         self._writer.flush()
 
     def scalars(self, step: int, wall_time: float, scalars: Mapping[str, float]) -> None:
