@@ -30,6 +30,12 @@ A study file (TOML) declares the grid as data::
     "mi.weight" = [0.0, 0.1]
     "mi.head" = ["linear", "none"]
 
+The whole file is checked before anything runs or is written: unknown keys (top level, cell,
+grid), the types (seeds integers, published a number, overrides a table, ...) and every cell's
+config, built from its overrides by run.py's own flag parser and checked as run.py checks it
+(unknown fields, values, choices). Every problem is one ``error:`` line; then exit code 2.
+``--list`` is the dry run.
+
 Each (cell, seed) is one ``run.py`` process with its workdir in
 ``runs/study/<study>/<cell>/seed<k>``. The runner
 
@@ -38,7 +44,9 @@ Each (cell, seed) is one ``run.py`` process with its workdir in
   the last sitting stopped), and collects one whose workdir finished but was never collected;
 - resumes an interrupted seed from its checkpoints (run.py resumes from its workdir); the child
   gets SIGTERM when the runner dies (``kill -9`` included), so it checkpoints and stops, and a
-  rerun loses at most one ``distill.checkpoint_every`` interval;
+  rerun loses at most one ``distill.checkpoint_every`` interval; after a ``kill -9`` of both,
+  run.py cuts ``metrics.jsonl`` back to its last checkpoint, so every step is traced once, and
+  the wall time sums every sitting (a killed one up to its last write);
 - writes ``runs/study/<study>/table.md`` and ``table.csv`` (per cell: final and best accuracy
   mean ± std over seeds, each seed being its mean over the evaluation models; seeds, models,
   iterations, s/iter, peak RSS, wall time; the published number and the difference),
@@ -59,6 +67,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import product
@@ -118,8 +127,85 @@ def _value_name(value: Any) -> str:
     return "".join(c if c in _NAME_CHARS and c not in "=," else "_" for c in str(text))
 
 
-def load_study(path: str, runs_root: str | None = None) -> Study:
-    """Parses a study file into cells; StudyError names the first problem."""
+# What a study file may hold, and what each entry must be (checked before anything runs).
+TOP_KEYS = ("name", "description", "config", "seeds", "compare", "overrides", "cells", "grids")
+CELL_KEYS = ("name", "arg", "config", "seeds", "published", "published_note", "overrides")
+GRID_KEYS = (*CELL_KEYS, "axes")
+
+
+class _Problems(list):
+    """The problems found in a study file, one line each ("<file>: <where>: <what>"), in file
+    order."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def add(self, where: str, message: str) -> None:
+        line = f"{self.path}: {where}: {message}" if where else f"{self.path}: {message}"
+        if line not in self:
+            self.append(line)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _dotted(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a.b": value} of a TOML table: ``"a.b" = 1`` and the unquoted ``a.b = 1`` (which TOML
+    reads as a nested table) both name the config field a.b."""
+    out = {}
+    for k, v in table.items():
+        if isinstance(v, Mapping):
+            out.update(_dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_keys(entry: Mapping[str, Any], valid: Sequence[str], where: str, p: _Problems) -> None:
+    for key in entry:
+        if key not in valid:
+            p.add(where, f"unknown key {key!r}; valid: {', '.join(valid)}")
+
+
+def _check_seeds(value: Any, where: str, p: _Problems) -> tuple[int, ...] | None:
+    """The seeds, or None (a problem recorded) unless ``value`` is a non-empty list of distinct
+    integers."""
+    if not isinstance(value, list) or not value:
+        p.add(where, f"seeds must be a non-empty list of integers, e.g. [0, 1, 2], got {value!r}")
+        return None
+    bad = [s for s in value if not _is_int(s)]
+    if bad:
+        p.add(where, f"seeds must be integers, got {bad[0]!r} in {value!r}")
+        return None
+    if len(set(value)) != len(value):
+        p.add(where, f"seeds {value!r} repeat a seed")
+        return None
+    return tuple(value)
+
+
+def _check_overrides(value: Any, where: str, p: _Problems) -> dict[str, Any]:
+    """The dotted overrides of an ``overrides`` table ({} and a problem if it is not one)."""
+    if not isinstance(value, Mapping):
+        p.add(where, f'overrides must be a table of "config.field" = value, got {value!r}')
+        return {}
+    return _dotted(value)
+
+
+def _check_text(entry: Mapping[str, Any], key: str, where: str, p: _Problems) -> None:
+    if key in entry and not isinstance(entry[key], str):
+        p.add(where, f"{key} must be a string, got {entry[key]!r}")
+
+
+def load_study(path: str, runs_root: str | None = None, *, check_configs: bool = False) -> Study:
+    """Parses and checks a study file whole: unknown keys, types, names and (``check_configs``)
+    every cell's run.py config (:func:`config_problems`). StudyError lists every problem, one
+    line each."""
     if not os.path.isfile(path):
         raise StudyError(f"study file {path!r} does not exist")
     try:
@@ -127,66 +213,176 @@ def load_study(path: str, runs_root: str | None = None) -> Study:
             spec = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise StudyError(f"study file {path!r} is not valid TOML: {e}") from None
-    known = {"description", "config", "seeds", "compare", "overrides", "cells", "grids", "name"}
-    unknown = sorted(set(spec) - known)
-    if unknown:
-        raise StudyError(f"study file {path!r}: unknown key {unknown[0]!r}; valid: {sorted(known)}")
+    p = _Problems(path)
+    top = ""
+    _check_keys(spec, TOP_KEYS, top, p)
+    for key in ("name", "description", "config"):
+        _check_text(spec, key, top, p)
     folder = os.path.dirname(os.path.abspath(path))
     name = spec.get("name") or os.path.basename(folder)
     default_config = spec.get("config", "configs/fashion_mnist.py")
-    default_seeds = tuple(spec.get("seeds", [0]))
-    common = dict(spec.get("overrides", {}))
+    default_seeds = _check_seeds(spec["seeds"], top, p) if "seeds" in spec else (0,)
+    compare = spec.get("compare", [])
+    if not isinstance(compare, list) or not all(isinstance(c, str) for c in compare):
+        p.add(top, f'compare must be a list of config fields, e.g. ["mi.weight"], got {compare!r}')
+        compare = []
+    common = _check_overrides(spec.get("overrides", {}), top, p)
     cells: list[Cell] = []
 
-    def add(entry: Mapping[str, Any], cell_name: str, extra: Mapping[str, Any]) -> None:
-        if "arg" not in entry:
-            raise StudyError(f"study file {path!r}: cell {cell_name!r} has no 'arg'")
-        seeds = tuple(int(s) for s in entry.get("seeds", default_seeds))
-        if not seeds:
-            raise StudyError(f"study file {path!r}: cell {cell_name!r} has no seeds")
+    def add(entry: Mapping[str, Any], cell_name: str, extra: Mapping[str, Any], where: str) -> None:
+        arg = entry.get("arg")
+        if not isinstance(arg, str):
+            p.add(where, "has no 'arg'" if arg is None else f"arg must be a string, got {arg!r}")
+            return
+        seeds = default_seeds
+        if "seeds" in entry:
+            seeds = _check_seeds(entry["seeds"], where, p)
+        published = entry.get("published")
+        if published is not None and not _is_number(published):
+            p.add(where, f"published must be a number (the accuracy in %), got {published!r}")
+            published = None
+        for key in ("config", "published_note", "name"):
+            _check_text(entry, key, where, p)
+        overrides = _check_overrides(entry.get("overrides", {}), where, p)
+        if seeds is None:
+            return
         cells.append(
             Cell(
                 name=cell_name,
-                config=entry.get("config", default_config),
-                arg=entry["arg"],
-                overrides={**common, **entry.get("overrides", {}), **extra},
+                config=str(entry.get("config", default_config)),
+                arg=arg,
+                overrides={**common, **overrides, **extra},
                 seeds=seeds,
-                published=entry.get("published"),
-                published_note=entry.get("published_note", ""),
+                published=published,
+                published_note=str(entry.get("published_note", "")),
             )
         )
 
-    for entry in spec.get("cells", []):
-        add(entry, entry.get("name") or _value_name(entry.get("arg", "")), {})
-    for grid in spec.get("grids", []):
-        axes = dict(grid.get("axes", {}))
+    entries = spec.get("cells", [])
+    grids = spec.get("grids", [])
+    for key, value in (("cells", entries), ("grids", grids)):
+        if not isinstance(value, list) or not all(isinstance(e, Mapping) for e in value):
+            p.add(top, f"{key} must be an array of tables ([[{key}]]), got {value!r}")
+    entries = [e for e in entries if isinstance(e, Mapping)] if isinstance(entries, list) else []
+    grids = [g for g in grids if isinstance(g, Mapping)] if isinstance(grids, list) else []
+    for i, entry in enumerate(entries):
+        cell_name = entry.get("name") or _value_name(entry.get("arg", ""))
+        where = f"cell {cell_name!r}" if cell_name else f"cell {i + 1}"
+        _check_keys(entry, CELL_KEYS, where, p)
+        add(entry, str(cell_name), {}, where)
+    for grid in grids:
+        grid_name = grid.get("name", "grid")
+        where = f"grid {grid_name!r}"
+        _check_keys(grid, GRID_KEYS, where, p)
+        axes = grid.get("axes", {})
+        axes = _dotted(axes) if isinstance(axes, Mapping) else {}
         if not axes or not all(isinstance(v, list) and v for v in axes.values()):
-            raise StudyError(f"study file {path!r}: grid {grid.get('name')!r} needs list axes")
+            p.add(where, 'needs [grids.axes] of non-empty lists, e.g. "mi.weight" = [0.0, 0.1]')
+            continue
         for values in product(*axes.values()):
             point = dict(zip(axes, values, strict=True))
             suffix = ",".join(f"{k}={_value_name(v)}" for k, v in point.items())
-            add(grid, f"{grid.get('name', 'grid')}-{suffix}", point)
+            add(grid, f"{grid_name}-{suffix}", point, where)
     names = [c.name for c in cells]
-    bad = next((n for n in names if not n or set(n) - _NAME_CHARS), None)
-    if bad is not None:
-        raise StudyError(
-            f"study file {path!r}: cell name {bad!r} may use only letters, digits and . _ - = , +"
-        )
-    duplicate = next((n for n in names if names.count(n) > 1), None)
-    if duplicate:
-        raise StudyError(f"study file {path!r}: two cells are named {duplicate!r}")
-    if not cells:
-        raise StudyError(f"study file {path!r} declares no cells ([[cells]] or [[grids]])")
+    for bad in dict.fromkeys(n for n in names if not n or set(n) - _NAME_CHARS):
+        p.add(top, f"cell name {bad!r} may use only letters, digits and . _ - = , +")
+    for duplicate in dict.fromkeys(n for n in names if names.count(n) > 1):
+        p.add(top, f"two cells are named {duplicate!r}")
+    if not cells and not p:
+        p.add("", "the study declares no cells ([[cells]] or [[grids]])")
+    if check_configs and not p:
+        for problem in config_problems(cells, compare):
+            p.add("", problem)
+    if p:
+        raise StudyError("\n".join(p))
     runs_root = runs_root or os.path.join(ROOT, "runs", "study")
     return Study(
         name=name,
         path=path,
         description=spec.get("description", ""),
         cells=cells,
-        compare=tuple(spec.get("compare", ())),
+        compare=tuple(compare),
         results_dir=os.path.join(folder, "results"),
         runs_dir=os.path.join(runs_root, name),
     )
+
+
+def _suggest(name: str, known: Sequence[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def cell_config(cell: Cell, seed: int) -> Any:
+    """The config run.py builds for (cell, seed), parsed from the same argv by the same absl /
+    ml_collections flag parser; raises what run.py's parser raises."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["run.py", *command(cell, seed, "unused")[2:]]
+    values = flags.FlagValues()
+    holder = config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)
+    flags.DEFINE_string("workdir", None, "", flag_values=values)
+    with warnings.catch_warnings():
+        # ml_collections loads config files with the deprecated load_module(): not ours to fix.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        values(argv)
+    return holder.value
+
+
+def config_problems(cells: Sequence[Cell], compare: Sequence[str] = ()) -> list[str]:
+    """Every cell's config built from its overrides as run.py builds it (same flag parser), and
+    checked as run.py checks it before it touches a workdir (``config.validate``, the mode),
+    except the mesh's device count, which only the machine that runs a cell knows. One line per
+    problem, naming the cell. Touches no device (the runner must not hold an accelerator's
+    memory while its cells run)."""
+    from mim4dd_jax import cli, sharding
+    from mim4dd_jax import config as config_lib
+    from mim4dd_jax.errors import ConfigError, check_choice
+
+    problems, bases, fields = [], {}, set()
+    for cell in cells:
+        where = f"cell {cell.name!r}"
+        path = os.path.join(ROOT, cell.config)
+        if not os.path.isfile(path):
+            problems.append(f"{where}: config file {cell.config!r} does not exist")
+            continue
+        base_cell = Cell(cell.name, cell.config, cell.arg, {}, cell.seeds)
+        if (cell.config, cell.arg) not in bases:
+            try:
+                bases[(cell.config, cell.arg)] = cell_config(base_cell, cell.seeds[0])
+            except Exception as e:  # noqa: BLE001 - run.py reports any parse failure as one line
+                bases[(cell.config, cell.arg)] = cli._one_line(e)
+        base = bases[(cell.config, cell.arg)]
+        if isinstance(base, str):
+            problems.append(f"{where}: config {cell.config}:{cell.arg}: {base}")
+            continue
+        known = sorted(config_lib.flatten_dotted(base.to_dict()))
+        fields.update(known)
+        unknown = [k for k in cell.overrides if k not in known]
+        for k in unknown:
+            problems.append(f"{where}: unknown config key {k!r}{_suggest(k, known)}")
+        if unknown:
+            continue
+        try:
+            config = cell_config(cell, cell.seeds[0])
+            check_choice("mode", config.mode, cli.MODES)
+            checked = config.copy_and_resolve_references()
+            mesh = checked.get("mesh")
+            if mesh is not None:
+                with checked.unlocked():
+                    del checked["mesh"]  # its device count is checked where the cell runs
+                check_choice("mesh.distributed", mesh.distributed, sharding.DISTRIBUTED)
+            config_lib.validate(checked)
+        except ConfigError as e:
+            problems.append(f"{where}: {e}")
+        except Exception as e:  # noqa: BLE001 - as run.py: a flag value it cannot parse
+            problems.append(f"{where}: {cli._one_line(e)}")
+    for name in compare:
+        if fields and name not in fields:
+            problems.append(f"compare: unknown config field {name!r}{_suggest(name, fields)}")
+    return problems
 
 
 def only_patterns(cells: Sequence[Cell], values: Sequence[str]) -> list[str]:
@@ -259,11 +455,31 @@ def workdir_of(study: Study, cell: Cell, seed: int) -> str:
 
 
 def _runner_record(workdir: str) -> dict[str, Any]:
+    """study_runner.json: ``sittings`` (run.py starts), ``wall_s`` (their summed wall time) and,
+    while a sitting runs, ``open`` (its start time)."""
     path = os.path.join(workdir, "study_runner.json")
     if not os.path.isfile(path):
         return {"wall_s": 0.0, "sittings": 0}
     with open(path) as f:
         return json.load(f)
+
+
+def _last_alive(workdir: str) -> float:
+    """When the run in ``workdir`` last wrote anything (its log, metrics, checkpoints): the end
+    of a sitting whose runner was killed with it."""
+    paths = [workdir + ".log", workdir, os.path.join(workdir, "checkpoints")]
+    paths += [os.path.join(workdir, n) for n in ("metrics.jsonl", "distilled.npz", "results.json")]
+    return max((os.path.getmtime(p) for p in paths if os.path.exists(p)), default=0.0)
+
+
+def _close_sitting(workdir: str, record: dict[str, Any], end: float | None = None) -> None:
+    """Adds an open sitting's time to ``wall_s``: up to ``end``, or, for a sitting whose runner
+    died without closing it (``kill -9`` of the whole process group), up to the run's last
+    sign of life."""
+    start = record.pop("open", None)
+    if start is not None:
+        end = _last_alive(workdir) if end is None else end
+        record["wall_s"] += max(0.0, end - start)
 
 
 def run_seed(study: Study, cell: Cell, seed: int, *, quiet: bool = False) -> int:
@@ -273,12 +489,14 @@ def run_seed(study: Study, cell: Cell, seed: int, *, quiet: bool = False) -> int
     argv = command(cell, seed, workdir)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     print(f"[{study.name}] {cell.name} seed {seed}: {' '.join(argv[1:])}", flush=True)
-    start = time.time()
     log_path = workdir + ".log"
-    # Counted at the start, so that a SIGKILLed sitting counts too.
+    # Counted at the start, so that a SIGKILLed sitting counts too; its time is closed at its
+    # end, or by the next sitting when the runner was killed with its child.
     os.makedirs(workdir, exist_ok=True)
     record = _runner_record(workdir)
+    _close_sitting(workdir, record)
     record["sittings"] += 1
+    record["open"] = time.time()
     io.write_json(os.path.join(workdir, "study_runner.json"), record)
     with open(log_path, "a") as log:
         child = subprocess.Popen(
@@ -295,9 +513,8 @@ def run_seed(study: Study, cell: Cell, seed: int, *, quiet: bool = False) -> int
             code = child.wait()
             raise
         finally:
-            # The wall time of a sitting is added when it ends (a SIGKILLed one adds none).
             record = _runner_record(workdir)
-            record["wall_s"] += time.time() - start
+            _close_sitting(workdir, record, end=time.time())
             io.write_json(os.path.join(workdir, "study_runner.json"), record)
     return code
 
@@ -339,7 +556,7 @@ def collect(study: Study, cell: Cell, seed: int) -> dict[str, Any]:
         # The first log window includes compilation: the median ignores it.
         "s_per_iter": float(_median(timed[1:] or timed)) if timed else None,
         "peak_rss_bytes": max(rss) if rss else None,
-        "wall_s": _runner_record(workdir)["wall_s"] or None,
+        "wall_s": _wall_s(workdir) or None,
         "last_metrics": scalars,
         "trace": trace(rows),
         "results": results,
@@ -348,6 +565,13 @@ def collect(study: Study, cell: Cell, seed: int) -> dict[str, Any]:
     os.makedirs(os.path.dirname(result_path(study, cell, seed)), exist_ok=True)
     io.write_json(result_path(study, cell, seed), record, indent=1, sort_keys=True)
     return record
+
+
+def _wall_s(workdir: str) -> float:
+    """The summed wall time of every sitting of a run, an unclosed last one included."""
+    record = _runner_record(workdir)
+    _close_sitting(workdir, record)
+    return float(record["wall_s"])
 
 
 # Per logged step, what the MI diagnostics plot and table need (a few KB per run).
@@ -824,10 +1048,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        study = load_study(args.study, args.runs_root)
+        # Running or listing checks every cell's config first: a typo in a late cell must not
+        # surface after the earlier cells have run. Tables of committed results need no config.
+        check = not (args.report or args.add_traces)
+        study = load_study(args.study, args.runs_root, check_configs=check)
         cells = select(study.cells, only_patterns(study.cells, args.only))
     except StudyError as e:
-        print(f"error: {e}", file=sys.stderr)
+        for line in str(e).splitlines():
+            print(f"error: {line}", file=sys.stderr)
         return 2
     if args.list:
         for cell in cells:

@@ -231,6 +231,10 @@ def build(
         # The .npz to evaluate (mode "evaluate" only: other modes' config fingerprints and
         # distilled.npz bytes stay as they were).
         c.eval.set = ""
+        # What the set's float images are: "" = what the file declares (ours: pixel_range
+        # "0_1"), else they must lie in [0, 1]; or "0_255", "0_1", "normalised" (model space).
+        # uint8 images are always 0..255 pixels.
+        c.eval.pixel_range = ""
 
     c.coreset = ml_collections.ConfigDict(dict(features="trained_net", feature_epochs=1))
 
@@ -274,6 +278,8 @@ def build(
             lr_net=0.01,
             batch_train=256,
             init_from="",
+            # init_from's float images, as eval.pixel_range: "" = what the file declares.
+            init_from_range="",
             freeze_loaded=True,
             checkpoint_every=100,
             keep_checkpoints=3,
@@ -417,6 +423,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
         evaluate.build_model(c, 10, name)
     augment.parse_strategy(c.dsa.strategy)
     check_choice("eval.parallel", c.eval.parallel, inner.PARALLEL)
+    for field in ("eval.pixel_range", "distill.init_from_range"):
+        block, name = field.split(".")
+        if c.get(block) is not None and c[block].get(name, ""):
+            check_choice(field, c[block][name], data.PIXEL_RANGES)
     for field, minimum in (
         ("eval.lr", 0.0),
         ("eval.num_models", 0),

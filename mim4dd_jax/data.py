@@ -94,6 +94,74 @@ class Dataset(NamedTuple):
         return ((x - self.mean) / self.std).astype(np.float32)
 
 
+# ----------------------------------------------------------------------------- a set's pixel range
+
+# What the numbers of a synthetic set's images are (``eval.pixel_range``,
+# ``distill.init_from_range``): "0_255" pixels, "0_1" pixels, or "normalised" = the dataset's
+# model space (per-channel normalised, or ZCA-whitened with data.zca), as the network sees them.
+PIXEL_RANGES = ("0_255", "0_1", "normalised")
+
+
+def stored_pixel_range(arrays: Mapping[str, np.ndarray]) -> str | None:
+    """The range a set's own file declares: its ``pixel_range`` array (``io.save_distilled``
+    writes "0_1"); our files from before it was recorded hold a ``model_images`` copy with its
+    ``mean``/``std``, and [0, 1] pixels. None when the file says nothing."""
+    if "pixel_range" in arrays:
+        return str(np.asarray(arrays["pixel_range"]))
+    if "model_images" in arrays and "mean" in arrays and "std" in arrays:
+        return "0_1"
+    return None
+
+
+def decide_pixel_range(
+    images: np.ndarray, declared: str, stored: str | None, what: str, flag: str
+) -> str:
+    """The range of ``images`` [N, H, W, C], decided, never guessed: uint8 is 0..255 pixels; a
+    float set is what ``--config.<flag>`` (``declared``) or its own file (``stored``) says, and
+    an undeclared one must lie in [0, 1]. ConfigError (one line naming the flag) otherwise.
+
+    A float set outside [0, 1] may be 0..255 pixels or already normalised: the two give
+    different accuracies, so the caller must say which."""
+    choices = "|".join(PIXEL_RANGES)
+    for name, value in ((f"--config.{flag}", declared), (f"{what}'s pixel_range", stored)):
+        if value and value not in PIXEL_RANGES:
+            raise ConfigError(f"{name} is {value!r}; valid: {', '.join(PIXEL_RANGES)}")
+    if declared and stored and declared != stored:
+        raise ConfigError(
+            f"{what} declares its pixel range as {stored!r}, but --config.{flag}={declared}; "
+            "drop the flag (the file's own range is used) or fix the file"
+        )
+    if images.dtype == np.uint8:
+        if (declared or stored or "0_255") != "0_255":
+            raise ConfigError(
+                f"{what} holds uint8 images, which are 0..255 pixels, but is declared "
+                f"{declared or stored!r}; drop --config.{flag} or set it to 0_255"
+            )
+        return "0_255"
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ConfigError(f"{what} holds {images.dtype} images; expected uint8 or float")
+    if not np.all(np.isfinite(images)):
+        bad = int(np.sum(~np.all(np.isfinite(images.reshape(len(images), -1)), axis=1)))
+        raise ConfigError(f"{what} has NaN or infinite pixels in {bad} of its images")
+    if declared or stored:
+        return declared or stored  # type: ignore[return-value]
+    low, high = float(images.min()), float(images.max())
+    if low < 0.0 or high > 1.0:
+        raise ConfigError(
+            f"{what} holds float images in [{low:.4g}, {high:.4g}], outside [0, 1], and does "
+            f"not say what they are; declare it: --config.{flag}={choices}"
+        )
+    return "0_1"
+
+
+def pixels_of(images: np.ndarray, pixel_range: str) -> np.ndarray:
+    """[0, 1] float32 pixels of images in ``pixel_range`` "0_255" or "0_1" (for "normalised"
+    use ``Dataset.to_pixels``)."""
+    check_choice("pixel range", pixel_range, ("0_255", "0_1"))
+    x = np.asarray(images).astype(np.float32)
+    return x / np.float32(255.0) if pixel_range == "0_255" else x
+
+
 # ----------------------------------------------------------------------------- IDX / MNIST folder
 
 

@@ -154,6 +154,7 @@ _ADDED_FIELDS = {
     "mi.heads": "shared",
     "mi.feature_nets": "random",
     "distill.eval_at": "()",
+    "distill.init_from_range": "",
 }
 
 
@@ -290,6 +291,12 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         logging.warning("resuming %s from iteration %d", workdir, start)
     step = make_step(config, dataset)
     writer = io.MetricWriter(workdir, tensorboard=True) if main else None
+    if writer is not None:
+        # A killed run may have logged steps after its last checkpoint; they are redone now, so
+        # they go (each step once in the trace), and so does a final evaluation, always redone.
+        writer.resume_at(
+            start, keep=lambda row: not ("accuracy" in row and row["step"] == d.iterations)
+        )
     everywhere = sharding.replicated(mesh)
     real_images = sharding.put(np.asarray(dataset.train_images, np.float32), everywhere)
     trajectories = None if experts is None else sharding.put(experts.trajectories, everywhere)

@@ -10,6 +10,10 @@ arrays. The protocol comes from ``config.eval`` (models, num_models, epochs, dsa
 is the set's stored ``lr`` when it has one (MTT's learned lr), unless the caller gives one (the
 CLI does when ``--config.eval.lr`` is on the command line), else ``eval.lr``.
 
+The images' range is decided, not guessed (``data.decide_pixel_range``): uint8 is 0..255 pixels;
+a float set is what ``eval.pixel_range`` or its own ``pixel_range`` array says (ours: "0_1"),
+and an undeclared float set outside [0, 1] is refused.
+
 Every check on the set runs before the workdir is created; a bad set is a :class:`ConfigError`.
 """
 
@@ -18,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import zipfile
 from typing import Any, NamedTuple
 
 import jax
@@ -34,32 +37,36 @@ TABLE = "results.md"
 
 
 class SyntheticSet(NamedTuple):
-    """A checked set: pixels [N, H, W, C] float32 in [0, 1] pixel space; labels [N] int32 or
-    [N, K] float32 probabilities; the stored lr (or None); the stored model-space images when
-    their normalisation matches the dataset's (or None); the stored config (or {})."""
+    """A checked set: pixels [N, H, W, C] float32 in [0, 1] pixel space (None for a
+    "normalised" set: its model images are given); labels [N] int32 or [N, K] float32
+    probabilities; the stored lr (or None); the model-space images: a "normalised" set's own,
+    or the stored copy when its normalisation matches the dataset's (or None); the stored
+    config (or {}); the decided pixel range (``data.PIXEL_RANGES``)."""
 
-    pixels: np.ndarray
+    pixels: np.ndarray | None
     labels: np.ndarray
     lr: float | None
     model_images: np.ndarray | None
     stored_config: dict[str, Any]
+    pixel_range: str
+
+
+SET_HINT = (
+    "expected an .npz with 'images' [N, H, W, C] and 'labels' [N] or [N, K], e.g. "
+    "np.savez(path, images=images, labels=labels)"
+)
 
 
 def read_arrays(path: str) -> dict[str, np.ndarray]:
-    """The arrays of ``eval.set``; ConfigError for a missing or unreadable file."""
-    what = f"eval.set {path!r}"
+    """The arrays of ``eval.set``; ConfigError for a missing, unreadable or non-.npz file or a
+    folder."""
     if not path:
         raise ConfigError(
             "evaluate needs a set: --config.eval.set=<path/to/distilled.npz> (an .npz with "
             "'images' and 'labels')"
         )
-    if not os.path.isfile(path):
-        raise ConfigError(f"{what}: no such file")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise ConfigError(f"{what} is not a readable .npz ({e})") from None
+    what = f"eval.set {path!r}"
+    arrays = io.read_npz(path, what, SET_HINT)
     missing = [k for k in ("images", "labels") if k not in arrays]
     if missing:
         raise ConfigError(
@@ -70,10 +77,14 @@ def read_arrays(path: str) -> dict[str, np.ndarray]:
 
 
 def check_set(
-    arrays: dict[str, np.ndarray], dataset: data_lib.Dataset, path: str = ""
+    arrays: dict[str, np.ndarray],
+    dataset: data_lib.Dataset,
+    path: str = "",
+    pixel_range: str = "",
 ) -> SyntheticSet:
     """Checks ``images``/``labels`` (and ``lr``) against ``dataset``; ConfigError names what is
-    wrong. uint8 images are divided by 255; float images are taken as [0, 1] pixels."""
+    wrong. The images' range is decided by ``data.decide_pixel_range`` from their dtype,
+    ``pixel_range`` (``eval.pixel_range``; "" = undeclared) and the file's own declaration."""
     what = f"eval.set {path!r}" if path else "eval.set"
     shape, k = tuple(dataset.image_shape), dataset.num_classes
     images, labels = np.asarray(arrays["images"]), np.asarray(arrays["labels"])
@@ -89,22 +100,9 @@ def check_set(
         )
     if len(images) == 0:
         raise ConfigError(f"{what} holds no images")
-    if images.dtype == np.uint8:
-        pixels = images.astype(np.float32) / 255.0
-    elif np.issubdtype(images.dtype, np.floating):
-        pixels = images.astype(np.float32)
-        if not np.all(np.isfinite(pixels)):
-            bad = int(np.sum(~np.all(np.isfinite(pixels.reshape(len(pixels), -1)), axis=1)))
-            raise ConfigError(f"{what} has NaN or infinite pixels in {bad} of its images")
-        if pixels.max() > 2.0:
-            logging.warning(
-                "%s: float pixels up to %.1f; float images are read as [0, 1] pixels "
-                "(store uint8 for [0, 255])",
-                what,
-                pixels.max(),
-            )
-    else:
-        raise ConfigError(f"{what} holds {images.dtype} images; expected uint8 or float")
+    decided = data_lib.decide_pixel_range(
+        images, pixel_range, data_lib.stored_pixel_range(arrays), what, "eval.pixel_range"
+    )
     labels = _check_labels(labels, len(images), k, what, dataset.name)
     lr = None
     if "lr" in arrays:
@@ -118,9 +116,15 @@ def check_set(
             stored = json.loads(str(arrays["config"]))
         except (json.JSONDecodeError, TypeError):
             stored = {}
-    model_images = None
+    if decided == "normalised":
+        # Already the network's input: used as is; the pixels (for the grid) come from the
+        # dataset's inverse normalisation once it is known (after any ZCA fit).
+        pixels, model_images = None, images.astype(np.float32)
+    else:
+        pixels, model_images = data_lib.pixels_of(images, decided), None
     if (
-        "model_images" in arrays
+        model_images is None
+        and "model_images" in arrays
         and np.shape(arrays["model_images"]) == images.shape
         and np.array_equal(arrays.get("mean"), dataset.mean)
         and np.array_equal(arrays.get("std"), dataset.std)
@@ -130,7 +134,12 @@ def check_set(
     ):
         model_images = np.asarray(arrays["model_images"], np.float32)
     return SyntheticSet(
-        pixels, labels, lr, model_images, stored if isinstance(stored, dict) else {}
+        pixels,
+        labels,
+        lr,
+        model_images,
+        stored if isinstance(stored, dict) else {},
+        decided,
     )
 
 
@@ -251,12 +260,13 @@ def run(config: Any, workdir: str, *, lr: float | None = None) -> dict[str, Any]
     arrays = read_arrays(path)
     workdir = check_workdir(workdir)
     dataset = data_lib.load_from_config(config.data, whitened=False)
-    syn = check_set(arrays, dataset, path)
+    syn = check_set(arrays, dataset, path, config.eval.get("pixel_range", ""))
     _warn_protocol(syn.stored_config, config)
     # All checks passed: from here the workdir exists (the ZCA fit is cached in it).
     workdir = io.prepare_workdir(workdir)
     dataset = data_lib.whiten_from_config(dataset, config.data, cache_dir=workdir)
     images = syn.model_images if syn.model_images is not None else dataset.from_pixels(syn.pixels)
+    pixels = syn.pixels if syn.pixels is not None else dataset.to_pixels(images)
     if lr is not None:
         eval_lr, lr_source = float(lr), "config"
     elif syn.lr is not None:
@@ -264,7 +274,7 @@ def run(config: Any, workdir: str, *, lr: float | None = None) -> dict[str, Any]
     else:
         eval_lr, lr_source = float(config.eval.lr), "config"
     hard = syn.labels.argmax(-1) if syn.labels.ndim == 2 else syn.labels
-    io.save_grid(os.path.join(workdir, "grid.png"), syn.pixels, hard, dataset.num_classes)
+    io.save_grid(os.path.join(workdir, "grid.png"), pixels, hard, dataset.num_classes)
     key = jax.random.fold_in(jax.random.key(config.seed), 1)
     results = evaluate_lib.evaluate_from_config(
         key, images, syn.labels, dataset, config, lr=eval_lr
@@ -277,6 +287,7 @@ def run(config: Any, workdir: str, *, lr: float | None = None) -> dict[str, Any]
         "per_class": np.bincount(hard, minlength=dataset.num_classes).tolist(),
         "labels": "soft" if syn.labels.ndim == 2 else "hard",
         "input": "model_images" if syn.model_images is not None else "pixels",
+        "pixel_range": syn.pixel_range,
         "lr": eval_lr,
         "lr_source": lr_source,
         "seed": int(config.seed),

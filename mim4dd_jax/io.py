@@ -9,7 +9,7 @@ import os
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from io import BytesIO as _BytesIO
 from typing import IO, Any
 
@@ -83,6 +83,40 @@ def prepare_workdir(workdir: str) -> str:
     return workdir
 
 
+def read_npz(path: str, what: str, hint: str) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` at ``path``; ConfigError, naming ``what`` and ending with
+    ``hint`` (how to make a good one), for a folder, a missing file, a single ``.npy`` array, a
+    text file or anything else that is not an ``.npz``."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, "distilled.npz")
+        where = f"; did you mean {inside!r}?" if os.path.isfile(inside) else ""
+        raise ConfigError(f"{what} is a folder, not an .npz file{where}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what}: no such file; {hint}")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        raise ConfigError(f"{what} cannot be read ({e.strerror})") from None
+    if head.startswith(b"\x93NUMPY"):
+        raise ConfigError(f"{what} is a single .npy array, not an .npz; {hint}")
+    if not head:
+        raise ConfigError(f"{what} is an empty file, not an .npz; {hint}")
+    if not head.startswith(b"PK"):  # every .npz is a zip archive
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError:  # (or a multi-byte character cut at byte 512)
+            text = head[:-4].decode("utf-8", errors="replace")
+        is_text = all(c.isprintable() or c.isspace() for c in text) and "\ufffd" not in text
+        kind = "a text file" if is_text else "not a zip archive"
+        raise ConfigError(f"{what} is {kind}, not an .npz; {hint}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise ConfigError(f"{what} is not a readable .npz ({e}); {hint}") from None
+
+
 def save_distilled(
     path: str,
     images: np.ndarray,
@@ -103,6 +137,9 @@ def save_distilled(
         labels=np.asarray(labels),
         lr=np.float32(lr),
         config=np.asarray(json.dumps(dict(config), sort_keys=True, default=str)),
+        # What the images' numbers are (data.PIXEL_RANGES): evaluate mode and init_from read it
+        # instead of guessing (distilled pixels may leave [0, 1]: they are not clipped).
+        pixel_range=np.asarray("0_1"),
         **{k: np.asarray(v) for k, v in extra.items()},
     )
 
@@ -220,6 +257,16 @@ class MetricWriter:
         if self._events is not None:
             self._events.scalars(int(step), row["time"], dict(_scalars("", row)))
 
+    def resume_at(self, step: int, keep: Callable[[dict[str, Any]], bool] | None = None) -> None:
+        """Before a resumed run appends: cuts ``metrics.jsonl`` back to the rows of steps <=
+        ``step`` (those with ``keep(row)`` False go too), atomically, so that the steps a killed
+        run logged after its last checkpoint, which the resumed run redoes, appear once. In
+        TensorBoard, a SessionLog.START at ``step + 1`` makes it drop the older events of later
+        steps (its purge of orphaned data; the events files are append-only)."""
+        cut_metrics(self.path, step, keep)
+        if self._events is not None:
+            self._events.start(int(step) + 1, time.time())
+
     def write_image(self, step: int, tag: str, image: bytes | np.ndarray) -> None:
         """A TensorBoard image summary (e.g. the synthetic set's grid) at ``step``, shown in
         TensorBoard's Images tab next to the scalars. ``image``: encoded PNG bytes, or an
@@ -227,6 +274,28 @@ class MetricWriter:
         the tensorboard package) it does nothing."""
         if self._events is not None:
             self._events.image(int(step), time.time(), tag, png_bytes(image))
+
+
+def cut_metrics(path: str, step: int, keep: Callable[[dict[str, Any]], bool] | None = None) -> int:
+    """Keeps the rows of the ``metrics.jsonl`` at ``path`` whose step is <= ``step`` (and, with
+    ``keep``, for which it is True), byte for byte, and drops a torn last line; the file is
+    replaced atomically (unchanged when nothing goes). Returns how many rows were dropped."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path, "rb") as f:
+        lines = f.read().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # torn by a kill mid-write
+        if int(row["step"]) <= step and (keep is None or keep(row)):
+            kept.append(line if line.endswith(b"\n") else line + b"\n")
+    if len(kept) != len(lines) or (lines and not lines[-1].endswith(b"\n")):
+        with atomic_write(path) as f:
+            f.write(b"".join(kept))
+    return len(lines) - len(kept)
 
 
 def _scalars(prefix: str, value: Any) -> Iterator[tuple[str, float]]:
@@ -264,6 +333,15 @@ class _EventWriter:
 
         summary = summary_pb2.Summary(value=values)
         self._writer.add_event(event_pb2.Event(wall_time=wall_time, step=step, summary=summary))
+        self._writer.flush()
+
+    def start(self, step: int, wall_time: float) -> None:
+        """A SessionLog.START at ``step``: TensorBoard discards earlier-read events of steps >=
+        ``step`` (a restarted run's orphaned data)."""
+        from tensorboard.compat.proto import event_pb2
+
+        log = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+        self._writer.add_event(event_pb2.Event(wall_time=wall_time, step=step, session_log=log))
         self._writer.flush()
 
     def scalars(self, step: int, wall_time: float, scalars: Mapping[str, float]) -> None:

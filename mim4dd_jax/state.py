@@ -19,8 +19,6 @@ the images and ``fold_in(key, 1)`` for the heads.
 
 from __future__ import annotations
 
-import os
-import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,7 +31,7 @@ from jax.sharding import Mesh
 
 from mim4dd_jax import data as data_lib
 from mim4dd_jax import evaluate as evaluate_lib
-from mim4dd_jax import mi, models, objectives, sharding
+from mim4dd_jax import io, mi, models, objectives, sharding
 from mim4dd_jax.choices import INITS, OPTIMIZERS
 from mim4dd_jax.errors import ConfigError, check_choice
 
@@ -130,22 +128,19 @@ def optimizers(config: Any) -> dict[str, optax.GradientTransformation]:
 
 
 class InitSet(dict):
-    """A loaded ``distilled.npz`` sorted class-major: "pixels" [C, k, H, W, Ch], "model" (the
-    stored model-space images when their normalisation matches this run, else absent),
+    """A loaded ``distilled.npz`` sorted class-major: "pixels" [C, k, H, W, Ch] in [0, 1] (absent
+    for a "normalised" set), "model" (the set itself when it is "normalised", or the stored
+    model-space images when their normalisation matches this run, else absent),
     "soft" [C, k, C] label probabilities (absent for hard labels) and "k"."""
 
 
 def read_init(path: str, dataset: data_lib.Dataset, config: Any) -> InitSet:
     """Reads and checks ``distill.init_from``; ConfigError names the file and what is wrong."""
     what = f"distill.init_from {path!r}"
-    if not os.path.isfile(path):
-        raise ConfigError(f"{what}: no such file; expected a distilled.npz written by run.py")
-    try:
-        with np.load(path) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-        images, labels = arrays["images"], arrays["labels"]
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        raise ConfigError(f"{what} is not a readable distilled.npz ({e})") from None
+    arrays = io.read_npz(path, what, "expected a distilled.npz written by run.py")
+    if "images" not in arrays or "labels" not in arrays:
+        raise ConfigError(f"{what} has no 'images' and 'labels'; expected a distilled.npz")
+    images, labels = arrays["images"], arrays["labels"]
     shape, num_classes = tuple(dataset.image_shape), dataset.num_classes
     if images.ndim != 4 or tuple(images.shape[1:]) != shape:
         raise ConfigError(
@@ -174,11 +169,24 @@ def read_init(path: str, dataset: data_lib.Dataset, config: Any) -> InitSet:
             f"{what} has {k} images per class, more than ipc={config.ipc}; valid: ipc >= {k}"
         )
     order = np.argsort(hard, kind="stable")  # class-major, keeping the order within a class
-    out = InitSet(k=k, pixels=images[order].reshape(num_classes, k, *shape))
+    space = data_lib.decide_pixel_range(
+        images,
+        config.distill.get("init_from_range", ""),
+        data_lib.stored_pixel_range(arrays),
+        what,
+        "distill.init_from_range",
+    )
+    if space == "normalised":  # the network's input already: used as is
+        model = np.asarray(images, np.float32)[order].reshape(num_classes, k, *shape)
+        out = InitSet(k=k, model=model)
+    else:
+        pixels = data_lib.pixels_of(images, space)
+        out = InitSet(k=k, pixels=pixels[order].reshape(num_classes, k, *shape))
     if labels.ndim == 2:
         out["soft"] = labels[order].reshape(num_classes, k, num_classes).astype(np.float32)
     same_space = (
         "model_images" in arrays
+        and space != "normalised"
         and np.array_equal(arrays.get("mean"), dataset.mean)
         and np.array_equal(arrays.get("std"), dataset.std)
         and bool(arrays.get("zca", False)) == bool(config.data.zca)

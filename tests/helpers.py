@@ -17,16 +17,19 @@ def cli_env() -> dict[str, str]:
     return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
 
 
-def run_cli(*args: str, cwd: str = ROOT, **kwargs) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: str = ROOT, prefix: tuple[str, ...] = (), **kwargs
+) -> subprocess.CompletedProcess:
     """Runs ``python run.py ARGS`` on the CPU; returns the completed process (text output).
-    ``kwargs`` go to ``subprocess.run`` (e.g. ``user=``)."""
+    ``prefix``: a command that wraps it (e.g. ``setpriv ... --``); ``kwargs`` go to
+    ``subprocess.run`` (e.g. ``user=``)."""
     env = cli_env()
     if "user" in kwargs:
         # Another user cannot read this session's compilation cache (tests/conftest.py); jax
         # would warn about it on stderr.
         env.pop("JAX_COMPILATION_CACHE_DIR", None)
     return subprocess.run(
-        cli_command(*args),
+        [*prefix, *cli_command(*args)],
         cwd=cwd,
         env=env,
         **kwargs,

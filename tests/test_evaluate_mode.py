@@ -163,8 +163,33 @@ def _bad_sets(folder):
     out["no eval.set"] = ("", "evaluate needs a set")
     not_npz = os.path.join(folder, "text.npz")
     with open(not_npz, "w") as f:
-        f.write("hello")
-    out["not an npz"] = (not_npz, "not a readable .npz")
+        f.write("images,labels\n0.5,1\n")
+    out["not an npz"] = (not_npz, "is a text file, not an .npz; expected an .npz with 'images'")
+    npy = os.path.join(folder, "images.npy")
+    np.save(npy, good)
+    out["one .npy array"] = (npy, "is a single .npy array, not an .npz")
+    run_folder = os.path.join(folder, "a_run")
+    os.makedirs(run_folder)
+    out["a folder"] = (run_folder, "is a folder, not an .npz file$")
+    np.savez(os.path.join(folder, "distilled.npz"), images=good, labels=labels)
+    out["a run's folder"] = (folder, "is a folder, not an .npz file; did you mean .*distilled.npz")
+    float_sets = {
+        "float 0..255 undeclared": (good + 200, "", "in \\[200, 200\\], outside \\[0, 1\\]"),
+        "normalised undeclared": (good - 0.5, "", "in \\[-0.5, -0.5\\], outside \\[0, 1\\]"),
+        "uint8 declared normalised": (
+            good.astype(np.uint8),
+            "normalised",
+            "holds uint8 images, which are 0..255 pixels, but is declared 'normalised'",
+        ),
+        "unknown range in the file": (good, "0-255", "pixel_range is '0-255'; valid: 0_255,"),
+    }
+    for name, (images, stored, message) in float_sets.items():
+        path = os.path.join(folder, name.replace(" ", "_") + ".npz")
+        extra = {"pixel_range": np.asarray(stored)} if stored else {}
+        np.savez(path, images=images, labels=labels, **extra)
+        if not stored:
+            message += "(.*); declare it: --config.eval.pixel_range=0_255\\|0_1\\|normalised$"
+        out[name] = (path, message)
     return out
 
 
@@ -205,7 +230,17 @@ def _cli(data_path, *args):
     )
 
 
-@pytest.mark.parametrize("case", ["labels out of range", "missing file", "no eval.set"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "labels out of range",
+        "missing file",
+        "no eval.set",
+        "float 0..255 undeclared",
+        "not an npz",
+        "a folder",
+    ],
+)
 def test_cli_bad_set_is_one_line_exit_2_and_no_workdir(tmp_path, data_path, case):
     path, message = _bad_sets(str(tmp_path))[case]
     workdir = tmp_path / "run"
@@ -231,3 +266,88 @@ def test_cli_evaluates_with_the_lr_given_on_the_command_line(tmp_path, data_path
     summary = json.loads((tmp_path / "run" / "results.json").read_text())
     assert summary["lr"] == pytest.approx(0.02) and summary["lr_source"] == "config"
     assert "results.md" in r.stdout and "evaluate s.npz: convnet" in r.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# Pixel ranges are decided, not guessed (issue 28).
+# ----------------------------------------------------------------------------------------------
+
+
+def test_same_images_as_uint8_and_as_declared_floats_give_the_same_accuracy(tmp_path, data_path):
+    """End to end, real training: uint8, floats in 0..255 declared 0_255, floats in [0, 1]
+    (undeclared or declared 0_1) and the normalised images declared normalised are one set."""
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (6, HW, HW, 1)).astype(np.uint8)
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    config = eval_config(data_path, "")
+    ds = dataset_of(config)
+    as_01 = images.astype(np.float32) / np.float32(255)
+    forms = {
+        "uint8": (images, ""),
+        "float 0..255, flag 0_255": (images.astype(np.float32), "0_255"),
+        "float 0..1": (as_01, ""),
+        "float 0..1, flag 0_1": (as_01, "0_1"),
+        "normalised, flag normalised": (ds.from_pixels(as_01), "normalised"),
+    }
+    accuracies = {}
+    for name, (array, flag) in forms.items():
+        path = tmp_path / (name.replace(" ", "_").replace(",", "") + ".npz")
+        np.savez(path, images=array, labels=labels)
+        c = eval_config(data_path, path, **{"eval.pixel_range": flag, "eval.epochs": 3})
+        summary = evaluate_run.run(c, str(tmp_path / f"eval_{len(accuracies)}"))
+        accuracies[name] = summary["accuracy"]["convnet"]["all"]
+        assert summary["pixel_range"] == flag or (name, summary["pixel_range"]) in (
+            ("uint8", "0_255"),
+            ("float 0..1", "0_1"),
+        )
+    assert len({json.dumps(a) for a in accuracies.values()}) == 1, accuracies
+    # ... and a different set scores differently: the comparison can fail.
+    np.savez(tmp_path / "other.npz", images=255 - images, labels=labels)
+    c = eval_config(data_path, tmp_path / "other.npz", **{"eval.epochs": 3})
+    other = evaluate_run.run(c, str(tmp_path / "eval_other"))["accuracy"]["convnet"]["all"]
+    assert other != accuracies["uint8"]
+
+
+def test_our_own_set_beyond_1_needs_no_flag_and_logs_no_warning(tmp_path, data_path, caplog):
+    """A distilled set's pixels are not clipped (they reach 4.9 on Fashion-MNIST): its file
+    says they are [0, 1] pixels, so nothing is refused or warned about."""
+    config = eval_config(data_path, tmp_path / "set" / "distilled.npz")
+    ds = dataset_of(config)
+    pixels = np.random.default_rng(5).uniform(-1.0, 4.9, (6, HW, HW, 1)).astype(np.float32)
+    model_images = ds.from_pixels(pixels)
+    assert pixels.max() > 2 and pixels.min() < -0.5
+    os.makedirs(tmp_path / "set")
+    io.save_synthetic_set(
+        str(tmp_path / "set"), pixels, np.array([0, 0, 1, 1, 2, 2]), C, lr=0.01, config={}
+    )
+    with np.load(tmp_path / "set" / "distilled.npz") as f:
+        assert str(f["pixel_range"]) == "0_1"
+    with caplog.at_level("WARNING"):
+        summary = evaluate_run.run(config, str(tmp_path / "eval"))
+    assert summary["pixel_range"] == "0_1" and summary["input"] == "pixels"
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+    # A file of ours from before pixel_range was recorded is recognised by its model copy.
+    with np.load(tmp_path / "set" / "distilled.npz") as f:
+        old = {k: f[k] for k in f.files if k != "pixel_range"}
+    np.savez(tmp_path / "old.npz", **old, model_images=model_images, mean=ds.mean, std=ds.std)
+    config = eval_config(data_path, tmp_path / "old.npz")
+    assert evaluate_run.run(config, str(tmp_path / "eval_old"))["pixel_range"] == "0_1"
+
+
+def test_a_declaration_that_contradicts_the_file_is_refused(tmp_path, data_path):
+    np.savez(
+        tmp_path / "s.npz",
+        images=np.zeros((3, HW, HW, 1), np.float32),
+        labels=np.arange(3),
+        pixel_range=np.asarray("0_1"),
+    )
+    config = eval_config(data_path, tmp_path / "s.npz", **{"eval.pixel_range": "0_255"})
+    with pytest.raises(ConfigError, match="declares its pixel range as '0_1', but --config"):
+        evaluate_run.run(config, str(tmp_path / "eval"))
+    assert not (tmp_path / "eval").exists()
+
+
+def test_config_refuses_an_unknown_pixel_range(data_path):
+    config = eval_config(data_path, "x.npz", **{"eval.pixel_range": "0-255"})
+    with pytest.raises(ConfigError, match="unknown eval.pixel_range '0-255'"):
+        config_lib.validate(config)

@@ -29,7 +29,7 @@ from helpers import (
 from helpers import run_cli as run
 from jax.flatten_util import ravel_pytree
 
-from mim4dd_jax import checkpoint, data, distill, evaluate, inner
+from mim4dd_jax import checkpoint, data, distill, evaluate, inner, io
 from mim4dd_jax import config as config_lib
 from mim4dd_jax.errors import ConfigError
 
@@ -63,7 +63,7 @@ def snapshot(folder):
 # Deterministic resume after SIGKILL.
 # ----------------------------------------------------------------------------------------------
 
-ITERATIONS = 8
+ITERATIONS = 12
 SHRINK = [
     "--config=configs/fashion_mnist.py:dm,ipc1,local",
     "--config.model.width=8",
@@ -73,7 +73,9 @@ SHRINK = [
     "--config.distill.batch_real=8",
     "--config.eval.epochs=2",
     "--config.dsa.strategy=crop_flip",
-    "--config.distill.checkpoint_every=1",
+    # A checkpoint every 3 steps, a metrics row every step: a kill between two checkpoints
+    # leaves rows of steps the resumed run redoes.
+    "--config.distill.checkpoint_every=3",
     f"--config.distill.iterations={ITERATIONS}",
     "--config.distill.log_every=1",
 ]
@@ -91,12 +93,15 @@ def _tiny_mnist_folder(folder):
 
 
 def _start(workdir, log, data_args):
+    # Its own process group (session), which the test kills whole, as a scheduler or an OOM
+    # killer of a job does.
     return subprocess.Popen(
         cli_command(*SHRINK, *data_args, f"--workdir={workdir}"),
         cwd=ROOT,
         env=cli_env(),
         stdout=subprocess.DEVNULL,
         stderr=open(log, "w"),  # noqa: SIM115 - closed with the process
+        start_new_session=True,
     )
 
 
@@ -105,29 +110,58 @@ def _steps_on_disk(folder):
     return [int(n) for n in os.listdir(folder) if n.isdigit()] if folder.is_dir() else []
 
 
+def _logged_steps(workdir):
+    """The steps of the training rows of metrics.jsonl (those with a loss), in file order."""
+    path = workdir / "metrics.jsonl"
+    rows = io.read_metrics(str(path)) if path.is_file() else []
+    return [r["step"] for r in rows if "loss" in r]
+
+
+def _tensorboard_steps(workdir, tag="loss"):
+    """The steps of a scalar as TensorBoard shows it (orphaned events purged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(workdir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
 @pytest.mark.slow
-def test_sigkill_mid_run_then_the_same_command_gives_identical_bytes(tmp_path):
+def test_sigkill_of_the_process_group_then_the_same_command_gives_identical_bytes(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     data_args = _tiny_mnist_folder(tmp_path / "data")
     # The uninterrupted run and the one to kill share the two start-ups (imports, data, compile).
     reference = _start(straight, tmp_path / "straight.log", data_args)
     victim = _start(killed, tmp_path / "killed.log", data_args)
     deadline = time.monotonic() + 300
-    while max(_steps_on_disk(killed / "checkpoints"), default=0) < 3:
+    # Killed once checkpoint 3 exists and a later step has been logged (before checkpoint 6).
+    while not (
+        max(_steps_on_disk(killed / "checkpoints"), default=0) >= 3
+        and max(_logged_steps(killed), default=0) > max(_steps_on_disk(killed / "checkpoints"))
+    ):
         assert victim.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "no checkpoint 3 within 300 s"
-        time.sleep(0.01)
-    victim.send_signal(signal.SIGKILL)
+        time.sleep(0.005)
+    os.killpg(victim.pid, signal.SIGKILL)
     assert victim.wait() == -signal.SIGKILL
     assert reference.wait(timeout=300) == 0, (tmp_path / "straight.log").read_text()[-3000:]
-    # Killed mid-distillation: checkpoints, but not the last one, and no results yet.
-    assert 3 <= max(_steps_on_disk(killed / "checkpoints")) < ITERATIONS
+    # Killed mid-distillation: checkpoints, but not the last one, and no results yet; rows of
+    # steps after the last checkpoint, which the resumed run does again.
+    saved = max(_steps_on_disk(killed / "checkpoints"))
+    assert 3 <= saved < ITERATIONS
+    assert max(_logged_steps(killed)) > saved
     assert not (killed / "distilled.npz").exists()
 
     r = run(*SHRINK, *data_args, f"--workdir={killed}")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "resuming" in r.stderr
+    assert f"from iteration {saved}" in r.stderr
     assert (killed / "distilled.npz").read_bytes() == (straight / "distilled.npz").read_bytes()
+    # Every step once, in order, in the trace and in TensorBoard.
+    assert _logged_steps(killed) == list(range(1, ITERATIONS + 1)) == _logged_steps(straight)
+    assert _tensorboard_steps(killed) == list(range(1, ITERATIONS + 1))
+    # The final evaluation once.
+    rows = io.read_metrics(str(killed / "metrics.jsonl"))
+    assert [r["step"] for r in rows if "accuracy" in r] == [ITERATIONS]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,19 +412,46 @@ def test_bad_input_gives_one_line_and_leaves_the_workdir_alone(tmp_path, inputs,
     assert snapshot(workdir) == before if existing else not workdir.exists()
 
 
+# Root ignores file permissions through CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH. setpriv drops
+# both from the bounding and inheritable sets, so the child (still uid 0, so it can run an
+# interpreter installed under /root) is refused as any user would be.
+_DROP_DAC = "-dac_override,-dac_read_search"
+SETPRIV = ("setpriv", f"--bounding-set={_DROP_DAC}", f"--inh-caps={_DROP_DAC}", "--")
+
+
 def _without_root():
-    """``subprocess.run`` arguments that drop root, which ignores permissions: run as "nobody"
-    (skips where "nobody" cannot start this interpreter, e.g. one installed under /root)."""
+    """``run_cli`` arguments under which permissions apply: none for a normal user; as root,
+    the setpriv prefix above, else (no setpriv, or no CAP_SETPCAP to drop a capability) the
+    user "nobody". Skips only where neither can be had, saying why."""
     if os.geteuid() != 0:
         return {}
+    probe_dir = pathlib.Path(tempfile.mkdtemp(prefix="setpriv_probe_"))
+    try:
+        probe_dir.chmod(0o555)
+        write = f"open({str(probe_dir / 'x')!r}, 'w')"
+        try:
+            probe = subprocess.run([*SETPRIV, sys.executable, "-c", write], capture_output=True)
+            setpriv_why = probe.stderr.decode(errors="replace").strip().splitlines()[-1:]
+            if probe.returncode and b"PermissionError" in probe.stderr:
+                return {"prefix": SETPRIV}  # the capability is gone: permissions apply
+            setpriv_why = setpriv_why or ["the write was allowed"]
+        except OSError as e:
+            setpriv_why = [e.strerror]
+    finally:
+        probe_dir.chmod(0o755)
+        shutil.rmtree(probe_dir)
     user = dict(user=65534, group=65534, extra_groups=[])
     try:
         probe = subprocess.run([sys.executable, "-c", ""], capture_output=True, **user)
+        nobody_why = f"exit code {probe.returncode}"
     except OSError as e:
-        pytest.skip(f"running as root, and 'nobody' cannot run {sys.executable} ({e.strerror})")
-    if probe.returncode:
-        pytest.skip(f"running as root, and 'nobody' cannot run {sys.executable}")
-    return user
+        probe, nobody_why = None, e.strerror
+    if probe is not None and probe.returncode == 0:
+        return user
+    pytest.skip(
+        f"running as root: setpriv cannot drop CAP_DAC_OVERRIDE ({setpriv_why[0]}) and "
+        f"'nobody' cannot run {sys.executable} ({nobody_why})"
+    )
 
 
 @pytest.mark.parametrize("existing", [False, True])

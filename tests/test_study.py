@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from helpers import ROOT, SMALL_NET, TINY, cli_env, write_fake_npz
 
+from mim4dd_jax import io
+
 sys.path.insert(0, ROOT)
 from benchmarks import study as study_lib  # noqa: E402
 
@@ -195,6 +197,67 @@ def test_a_killed_study_resumes_its_cell_from_the_checkpoint(tmp_path, npz_path)
         assert json.load(f)["sittings"] == 2
     results_dir = os.path.join(tmp_path, "studies", "killed", "results")
     assert os.path.isfile(os.path.join(results_dir, "dm-distill.lr=0.1", "seed0.json"))
+
+
+def test_a_study_killed_with_its_run_traces_every_step_once_and_sums_its_wall_time(
+    tmp_path, npz_path
+):
+    """``kill -9`` of the runner's whole process group (runner and run.py, as a scheduler
+    does): no SIGTERM, so run.py stops between checkpoints. The rerun traces every step once
+    and counts the killed sitting's time too."""
+    iterations = 40
+    path = write_study(
+        str(tmp_path / "studies" / "group"),
+        npz_path,
+        iterations=iterations,
+        seeds=(0,),
+        lrs=(0.1,),
+        extra={"distill.eval_every": 0, "distill.checkpoint_every": 3},
+    )
+    runs_root = str(tmp_path / "runs")
+    argv = [sys.executable, os.path.join(ROOT, "benchmarks", "study.py"), path]
+    argv += ["--runs_root", runs_root]
+    workdir = os.path.join(runs_root, "group", "dm-distill.lr=0.1", "seed0")
+    ckpt, metrics = os.path.join(workdir, "checkpoints"), os.path.join(workdir, "metrics.jsonl")
+
+    def logged():
+        rows = io.read_metrics(metrics) if os.path.isfile(metrics) else []
+        return [r["step"] for r in rows if "loss" in r]
+
+    def saved():
+        return max((int(n) for n in os.listdir(ckpt) if n.isdigit()), default=0)
+
+    runner = subprocess.Popen(
+        argv, cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 300
+    while not (os.path.isdir(ckpt) and saved() >= 3 and max(logged(), default=0) > saved()):
+        assert runner.poll() is None and time.time() < deadline, "no checkpoint 3 in 300 s"
+        time.sleep(0.005)
+    os.killpg(runner.pid, signal.SIGKILL)
+    runner.wait()
+    deadline = time.time() + 60
+    while time.time() < deadline and _child_alive(workdir):
+        time.sleep(0.05)
+    assert max(logged()) > saved() and not os.path.isfile(os.path.join(workdir, "results.json"))
+    with open(os.path.join(workdir, "study_runner.json")) as f:
+        first = json.load(f)
+    # The killed sitting ran from its start to its last write, at least.
+    killed_sitting = os.path.getmtime(metrics) - first["open"]
+    assert killed_sitting > 0 and first["wall_s"] == 0
+
+    out = subprocess.run(argv, cwd=ROOT, env=cli_env(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert logged() == list(range(1, iterations + 1))
+    results_dir = os.path.join(tmp_path, "studies", "group", "results")
+    with open(os.path.join(results_dir, "dm-distill.lr=0.1", "seed0.json")) as f:
+        record = json.load(f)
+    assert [r["step"] for r in record["trace"]] == list(range(1, iterations + 1))
+    with open(os.path.join(workdir, "study_runner.json")) as f:
+        runner_record = json.load(f)
+    assert runner_record["sittings"] == 2 and "open" not in runner_record
+    assert record["wall_s"] == pytest.approx(runner_record["wall_s"])
+    assert record["wall_s"] > killed_sitting
 
 
 def _child_alive(workdir: str) -> bool:
