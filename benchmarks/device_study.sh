@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Published-protocol study runs (issues 12 and 13) on a lent GPU, in one device call of under
+# Published-protocol study runs (issues 12, 13 and 25) on a lent GPU, in one device call of under
 # 10 minutes. PREPARED, NOT YET RUN ON A DEVICE: no session so far was lent one.
 #
 #   here:         make device-carry       (ml-collections wheel -> .whl/, Fashion-MNIST -> .data/)
@@ -22,7 +22,10 @@ BUDGET=${BUDGET:-520}
 mkdir -p "$OUT"
 PLAN=("$@")
 if [ ${#PLAN[@]} -eq 0 ]; then
+  # Issue 25 first: MTT IPC 10 +- MIM4DD in the paper's form (does not fit the CPU).
   PLAN=(
+    mim4dd_paper:experts10 "mim4dd_paper:mtt10-*" "mim4dd_paper:mtt10-*" "mim4dd_paper:mtt10-*"
+    "mim4dd_paper:mtt10-*" "mim4dd_paper:mtt10-*" "mim4dd_paper:mtt10-*"
     published:dsa_ipc1 published:dm_ipc10 published:dc_ipc1 published:dm_ipc1
     "mim4dd:gpu10-*" "mim4dd:gpu10-*" "mim4dd:gpu10-*" "mim4dd:gpu10-*" "mim4dd:gpu10-*"
     "mim4dd:gpu10-*" published:dsa_ipc1 published:dm_ipc10 published:dc_ipc1 published:dm_ipc1
