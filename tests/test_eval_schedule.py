@@ -4,6 +4,7 @@ run does not evaluate again an iteration it has already logged."""
 
 import json
 
+import pytest
 from helpers import SMALL_NET, tiny_config
 
 from mim4dd_jax import distill, evaluate, io
@@ -98,3 +99,17 @@ def test_a_resumed_run_does_not_evaluate_a_logged_iteration_again(fake_npz, tmp_
     distill.run(config_for(fake_npz, **{"distill.iterations": 4}), workdir)
     assert len(calls) == 1
     assert sorted(io.accuracy_history(workdir)["convnet"]) == [0, 2, 4]
+
+
+def test_eval_at_adds_the_listed_iterations(fake_npz, tmp_path):
+    """distill.eval_at: a convergence curve at chosen iterations, beside eval_every (off here)
+    and the final evaluation; an iteration beyond the run is refused by the config check."""
+    config = config_for(fake_npz, **{"distill.eval_every": 0, "distill.eval_at": (0, 2)})
+    workdir = tmp_path / "run"
+    distill.run(config, str(workdir))
+    assert sorted(io.accuracy_history(str(workdir))["convnet"]) == [0, 2, 3]
+    from mim4dd_jax import config as config_lib
+    from mim4dd_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"distill.eval_at entry 5 .* 0..distill.iterations=3"):
+        config_lib.validate(config_for(fake_npz, **{"distill.eval_at": (1, 5)}))
