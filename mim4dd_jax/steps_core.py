@@ -148,7 +148,9 @@ class StepContext:
         lambda * g_mi with lambda = weight * |g_base| / |g_mi| (so weight is the ratio of the
         two pulls). Only the images and the heads get MI gradient (never MTT's lr or labels).
         Metrics: grad_norm_base, grad_norm_mi (after the weight), grad_cos (of the two image
-        gradients), grad_ratio (= grad_norm_mi / grad_norm_base) and mi_lambda.
+        gradients), grad_ratio (= grad_norm_mi / grad_norm_base) and mi_lambda; with
+        ``mi.through_unroll`` also mi_unroll_share, |g_mi - g_mi with the networks held fixed| /
+        |g_mi|: the part of the MI pull that comes through the unroll.
         """
         parts, txs, real_labels = self.parts, self.txs, self.real_labels
         learned = {name: st[name] for name in parts}
@@ -180,10 +182,19 @@ class StepContext:
                     **self.mi_opts,
                 )
 
+            unroll_share = None
             if self.config.mi.through_unroll:
-                base, aux, mi_value, mi_aux, grads, g_mi = _joint_grads(
+                base, aux, mi_value, mi_aux, grads, g_mi, carry = _joint_grads(
                     base_fn, mi_term, learned, st, args
                 )
+                # Diagnostic: how much of the MI pull comes through the unroll, i.e. differs
+                # from the pull with the networks held fixed (one more pass over the features).
+                fixed = lax.stop_gradient(carry)
+                g_fixed = jax.grad(lambda x: mi_term(x, learned["heads"], fixed)[0])(
+                    learned["images"]
+                )
+                g_through = (g_mi["images"] - g_fixed) * keep
+                unroll_share = jnp.sqrt(jnp.sum(g_through * g_through))
             else:
                 (base, (aux, carry)), grads = jax.value_and_grad(base_fn, has_aux=True)(
                     learned, st, *args
@@ -220,6 +231,8 @@ class StepContext:
                 grad_ratio=lam * norm_mi / (norm_base + _TINY),
                 mi_lambda=lam,
             )
+            if unroll_share is not None:
+                metrics["mi_unroll_share"] = unroll_share / (norm_mi + _TINY)
             if banks is not None:
                 new["banks"] = tuple(
                     mi.update_memory_bank(
@@ -248,7 +261,7 @@ def _joint_grads(
     learned: State,
     st: State,
     args: tuple[Any, ...],
-) -> tuple[jax.Array, Metrics, jax.Array, Any, State, State]:
+) -> tuple[jax.Array, Metrics, jax.Array, Any, State, State, Any]:
     """The base and MI gradients when the MI term differentiates through the base loss's
     networks too (``mi.through_unroll``: MTT's student is a function of the images).
 
@@ -256,20 +269,21 @@ def _joint_grads(
     (base, mi) pulled back with the cotangents (1, 0) and (0, 1) under ``vmap``. The two image
     gradients stay apart for the relative weight and the diagnostics. Returns (base, aux,
     mi_value, mi_aux, grads of the base loss by learned part, {"images", "heads"} of the MI
-    term); the MI gradient on MTT's lr and labels is dropped, as without ``through_unroll``.
+    term, the base loss's carry); the MI gradient on MTT's lr and labels is dropped, as without
+    ``through_unroll``.
     """
 
-    def joint(x: State) -> tuple[tuple[jax.Array, jax.Array], tuple[Metrics, Any]]:
+    def joint(x: State) -> tuple[tuple[jax.Array, jax.Array], tuple[Metrics, Any, Any]]:
         base, (aux, carry) = base_fn(x, st, *args)
         mi_value, mi_aux = mi_term(x["images"], x["heads"], carry)
-        return (base, mi_value), (aux, mi_aux)
+        return (base, mi_value), (aux, mi_aux, carry)
 
-    (base, mi_value), pull, (aux, mi_aux) = jax.vjp(joint, learned, has_aux=True)
+    (base, mi_value), pull, (aux, mi_aux, carry) = jax.vjp(joint, learned, has_aux=True)
     eye = jnp.eye(2, dtype=base.dtype)
     (both,) = jax.vmap(pull)((eye[:, 0], eye[:, 1]))
     grads = jax.tree.map(lambda g: g[0], both)
     g_mi = {name: jax.tree.map(lambda g: g[1], both[name]) for name in ("images", "heads")}
-    return base, aux, mi_value, mi_aux, grads, g_mi
+    return base, aux, mi_value, mi_aux, grads, g_mi, carry
 
 
 # A step builder: StepContext -> the method's step body (registered in mim4dd_jax.steps).

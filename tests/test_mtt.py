@@ -290,6 +290,7 @@ def test_mi_through_the_unroll_keeps_the_relative_weight(dataset, trajectories):
     for m in history:
         assert m["skipped"] == 0 and m["mi_lambda"] > 0
         np.testing.assert_allclose(m["grad_ratio"], 0.3, rtol=1e-4)
+        assert 0 < m["mi_unroll_share"] < 10 and np.isfinite(m["mi_unroll_share"])
     assert step._cache_size() == 1
 
 
