@@ -106,7 +106,9 @@ def test_train_is_any_optax_optimiser_and_vmaps_over_keys():
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got["params"], want
     )
-    tx = optax.adam(1e-2)
+    # SGD here: Adam's first steps are ~lr * sign(g), so a conv bias whose gradient is float
+    # noise (instance norm cancels it) would differ between two equally valid programs.
+    tx = optax.sgd(0.05, momentum=0.9)
     run = lambda k: inner.train(k, x, y, model=MODEL, tx=tx, steps=3, batch_size=4, key=k)  # noqa
     keys = jax.random.split(jax.random.key(8), 2)
     many = jax.jit(jax.vmap(run))(keys)
