@@ -2,8 +2,10 @@
 the guarded optax update (written once here for all base methods), and feature helpers.
 
 - **MIM4DD add-on**: total = base + lambda * mi.mi_loss (= -sum_l w_l MI_l) over the blocks in
-  ``mi.layers``; lambda = mi.weight ("absolute") or mi.weight * |g_base| / |g_mi| on the image
-  gradients ("relative": the weight is the ratio of the two pulls). The base method computes its
+  ``mi.layers``; lambda = mi.weight ("absolute") or ``mi.relative_weight(g_base, g_mi,
+  mi.weight)`` = mi.weight * |g_base| / |g_mi| on the image gradients ("relative": the weight is
+  the ratio of the two pulls). The one ``mi.MIConfig`` (``StepContext.mi_config``) is built
+  once per run and wraps the state's head params into ``mi.Heads``. The base method computes its
   loss and hands over what its MI features need (``carry``); the MI term then sees the synthetic
   images through those networks held fixed (real features carry no gradient), so the two image
   gradients come out separately and are logged (grad_norm_base/mi, grad_cos, grad_ratio). The
