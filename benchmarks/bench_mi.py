@@ -47,7 +47,9 @@ def _measure(ns: int, nr: int, chunk: int | None, reps: int, dim: int) -> dict:
     y_real = jax.random.randint(k[3], (nr,), 0, 10)
 
     def loss(a, b):
-        return -mi.embedding_mi(a, b, y_syn, y_real, temperature=0.07, chunk_size=chunk)
+        return -mi.embedding_mi(
+            real=b, syn=a, real_labels=y_real, syn_labels=y_syn, temperature=0.07, chunk_size=chunk
+        )
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     jax.block_until_ready((z_syn, z_real, y_syn, y_real))

@@ -1,8 +1,14 @@
 """Training a network on given data, as pure jit/vmap-able functions.
 
-``train_classifier`` is the plain training used by evaluation (and, later, experts): minibatch SGD
-with momentum and weight decay over shuffled epochs, written as a ``lax.scan`` over epochs and one over
-the batches of an epoch, so K models train as one ``jax.vmap``-ed program.
+Two trainers:
+
+- ``train``: for research code. Any optax optimiser, a fixed number of steps, from given
+  variables or a fresh init; one ``lax.scan``, so it jits and vmaps over keys (seeds).
+- ``train_classifier``: **the evaluation protocol** of the DD literature (DC, DSA, DM, MTT), and
+  what ``evaluate`` and the experts use: minibatch SGD with momentum 0.9 and weight decay 5e-4,
+  lr 0.01 (or MTT's learned lr), batch 256, 300 epochs (1000 with DSA), over shuffled epochs,
+  written as a ``lax.scan`` over epochs and one over the batches of an epoch, so K models train
+  as one ``jax.vmap``-ed program.
 
 The schedule follows the reference evaluation (DatasetCondensation ``evaluate_synset``) exactly:
 ``epochs + 1`` passes over the data; after pass ``epochs // 2 + 1`` the learning rate is multiplied by
@@ -14,16 +20,17 @@ from zero. The last, smaller batch of an epoch is kept (the reference's DataLoad
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from mim4dd_jax import models, sharding
-from mim4dd_jax.errors import check_choice
+from mim4dd_jax.errors import ConfigError, check_choice
 
 PyTree = Any
 AugmentFn = Callable[[jax.Array, jax.Array], jax.Array]  # (key, images [B,H,W,C]) -> images
@@ -190,6 +197,74 @@ def _sgd_epoch(
     return epoch
 
 
+def train(
+    variables_or_key: PyTree,
+    images: jax.Array,
+    labels: jax.Array,
+    *,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    steps: int,
+    batch_size: int,
+    key: jax.Array,
+    augment: AugmentFn | None = None,
+) -> PyTree:
+    """``steps`` optax steps of cross-entropy training of ``model`` on (images, labels); returns
+    the trained variables.
+
+    Args:
+      variables_or_key: the starting variables ({"params", optionally "batch_stats"}), or a PRNG
+        key for a fresh ``init_variables``.
+      images: [N, H, W, C] float32; labels: [N] int32, or soft [N, K] float32.
+      model: a Flax classifier called as ``model.apply(v, x, train=...)``.
+      tx: any optax optimiser (e.g. ``optax.sgd(0.01, momentum=0.9)``); its schedule, if any,
+        counts these steps.
+      steps: number of updates; batch_size: images per update (at most N), drawn without
+        replacement per step with ``fold_in(key, step)``.
+      key: PRNG key of the batches and of ``augment``.
+      augment: optional ``(key, images) -> images`` applied to every batch (e.g. DSA).
+
+    One ``lax.scan`` over steps: ``jax.jit`` it (model, tx, steps, batch_size and augment are
+    static, e.g. via a lambda) and ``jax.vmap`` it over keys to train several seeds as one
+    program. Not the evaluation protocol: that is :func:`train_classifier`.
+    """
+    chex.assert_rank(images, 4)
+    chex.assert_equal(images.shape[0], labels.shape[0])
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ConfigError(f"bad train steps {steps!r}; valid: an integer >= 0")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"bad train batch_size {batch_size!r}; valid: an integer >= 1")
+    if isinstance(variables_or_key, Mapping):
+        variables = dict(variables_or_key)
+    else:
+        variables = init_variables(model, variables_or_key, images.shape[1:])
+    n = images.shape[0]
+    batch_size = min(batch_size, n)
+    params = variables["params"]
+    state = {k: v for k, v in variables.items() if k != "params"}
+
+    def loss_fn(params, state, x, y):
+        logits, new_vars = apply_train(model, {**state, "params": params}, x)
+        return jnp.mean(cross_entropy(logits, y)), {
+            k: v for k, v in new_vars.items() if k != "params"
+        }
+
+    def step(carry, t):
+        params, state, opt_state = carry
+        step_key = jax.random.fold_in(key, t)
+        idx = jax.random.permutation(jax.random.fold_in(step_key, 0), n)[:batch_size]
+        x, y = images[idx], labels[idx]
+        if augment is not None:
+            x = augment(jax.random.fold_in(step_key, 1), x)
+        grads, state = jax.grad(loss_fn, has_aux=True)(params, state, x, y)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), state, opt_state), None
+
+    carry = (params, state, tx.init(params))
+    (params, state, _), _ = jax.lax.scan(step, carry, jnp.arange(steps))
+    return {**state, "params": params}
+
+
 def train_classifier(
     key: jax.Array,
     images: jax.Array,
@@ -200,9 +275,15 @@ def train_classifier(
     config: TrainConfig = TrainConfig(),
     augment: AugmentFn | None = None,
 ) -> PyTree:
-    """Trains a fresh ``model`` from scratch on (images, labels) with the reference evaluation
-    schedule (``config.epochs + 1`` passes, decay after pass ``epochs // 2 + 1``); returns its
-    variables.
+    """The evaluation protocol: trains a fresh ``model`` from scratch on (images, labels) with
+    the reference evaluation schedule and returns its variables.
+
+    The schedule (DatasetCondensation's ``evaluate_synset``, which DC, DSA, DM and MTT report
+    with): torch-style SGD, momentum 0.9, weight decay 5e-4, batch 256, lr 0.01 for DC/DSA/DM
+    or MTT's learned lr; ``config.epochs + 1`` passes over shuffled data (300 epochs without
+    augmentation, 1000 with DSA); after pass ``epochs // 2 + 1`` the lr is multiplied by 0.1 and
+    the momentum restarts from zero. For training of your own (any optax optimiser, a number of
+    steps, given starting variables) use :func:`train`.
 
     Args:
       key: PRNG key; it decides the initialisation, the shuffling and the augmentation.

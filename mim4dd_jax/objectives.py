@@ -159,6 +159,10 @@ def dc_loss(
 ) -> jax.Array:
     """Per-class gradient matching (DC; DSA when ``dsa_strategy`` is given), summed over classes.
 
+    Published outer optimiser (DC, DSA): the images by SGD lr 0.1 with momentum 0.5, outer/inner
+    loops (1, 1), (10, 50), (50, 10) for IPC 1 / 10 / 50 (:func:`dc_loops`); the network's
+    inner steps by SGD lr 0.01.
+
     For class c: g_real = d CE(net(real_c), c) / d params (a constant), g_syn likewise on syn_c,
     loss_c = :func:`gradient_distance` (g_real, g_syn). Classes are vmapped, not looped, except
     for the real gradients when ``real_groups`` = g > 0 divides C: then g vmapped groups each
@@ -303,6 +307,21 @@ def features_in_slices(
     return jax.tree.map(unslice, out)
 
 
+def default_real_chunk() -> int:
+    """The real side's slice size when a caller leaves it out: 64 images on CPU (measured best
+    of 20-320 for the DM step, BENCHMARKS.md), one pass (0) on accelerators."""
+    return 64 if jax.default_backend() == "cpu" else 0
+
+
+def dm_model(model: nn.Module) -> nn.Module:
+    """``model`` with the "hybrid" conv when its ``conv_impl`` is "auto" and the backend is CPU:
+    XLA's forward with a GEMM weight gradient measured 2.3x faster than im2col for DM's step,
+    which has no loop (BENCHMARKS.md). Any other model or choice is returned unchanged."""
+    if getattr(model, "conv_impl", None) == "auto" and jax.default_backend() == "cpu":
+        return model.clone(conv_impl="hybrid")
+    return model
+
+
 def dm_loss_and_features(
     variables: PyTree,
     real_x: jax.Array,
@@ -312,9 +331,12 @@ def dm_loss_and_features(
     model: nn.Module,
     dsa_strategy: str | None = None,
     dsa_params: DSAParams = _DEFAULT_DSA,
-    real_chunk: int = 0,
+    real_chunk: int | None = None,
 ) -> tuple[jax.Array, MatchedFeatures]:
     """DM loss sum_c ||mean embed(real_c) - mean embed(syn_c)||^2, and both sides' features.
+
+    Published outer optimiser (DM): the images by SGD lr 1.0 with momentum 0.5, 256 real images
+    per class, 20k iterations, real initialisation (``state.init_images``).
 
     Each side is ONE forward pass over all its classes ([C * n, H, W, Ch]); class c of both
     sides is augmented with the same key (siamese DSA). embed = the model's penultimate
@@ -326,12 +348,18 @@ def dm_loss_and_features(
       key: PRNG key for DSA (class c uses ``split(key, C)[c]``).
       model, dsa_strategy, dsa_params: static; see :func:`dc_loss`.
       real_chunk: static; the real side in slices of ~real_chunk images
-        (:func:`features_in_slices`); 0 = one pass. The results agree up to float rounding.
+        (:func:`features_in_slices`); 0 = one pass; None (default) = the backend's fast path
+        (:func:`default_real_chunk`). The results agree up to float rounding.
+
+    A ConvNet-style ``model`` with ``conv_impl="auto"`` runs with the "hybrid" conv on CPU
+    (:func:`dm_model`), the measured fast path for this loop-free step.
 
     Returns (loss float32 scalar, :class:`MatchedFeatures`); the loss is differentiable w.r.t.
     syn_x only.
     """
     _check_class_batches(real_x, syn_x)
+    model = dm_model(model)
+    real_chunk = default_real_chunk() if real_chunk is None else real_chunk
     num_classes, n_real = real_x.shape[:2]
     ipc = syn_x.shape[1]
     keys = jax.random.split(key, num_classes)
@@ -361,7 +389,7 @@ def dm_syn_features(
     class-major ([C * ipc, ...] features), differentiable w.r.t. syn_x."""
     keys = jax.random.split(key, syn_x.shape[0])
     syn_x = _siamese_per_class(keys, syn_x, dsa_strategy, dsa_params)
-    return _features(model, variables, syn_x.reshape(-1, *syn_x.shape[2:]))
+    return _features(dm_model(model), variables, syn_x.reshape(-1, *syn_x.shape[2:]))
 
 
 def dm_loss(
@@ -373,7 +401,7 @@ def dm_loss(
     model: nn.Module,
     dsa_strategy: str | None = None,
     dsa_params: DSAParams = _DEFAULT_DSA,
-    real_chunk: int = 0,
+    real_chunk: int | None = None,
 ) -> jax.Array:
     """The DM loss alone (float32 scalar); see :func:`dm_loss_and_features` for the shapes."""
     loss, _ = dm_loss_and_features(
@@ -444,6 +472,10 @@ def student_unroll(
 ) -> PyTree:
     """The MTT student: ``syn_steps`` plain SGD steps (no momentum, no weight decay) from
     ``start_params`` on synthetic minibatches, as one ``lax.scan``; returns the final params.
+
+    Published outer optimisers (MTT): the images by SGD at ``lr_img`` (per dataset and IPC,
+    ``configs/``) with momentum 0.5; ``syn_lr`` (this function's ``lr``) is learned too, by SGD
+    at ``lr_lr`` with momentum 0.5, initialised to the experts' lr.
 
     Step s: take minibatch s of :func:`minibatch_schedule`, apply DSA to it with per-sample
     parameters (``siamese=False``: the reference MTT calls DiffAugment without a seed, so every

@@ -8,7 +8,8 @@ The state is a plain dict pytree::
      "syn_lr": [] float32, the student lr of MTT (learned with mtt.learn_lr; for the other
                methods it is eval.lr and fixed),
      "trainable": [C * ipc] bool, False for images that are kept as loaded (incremental growth),
-     "heads": mi.init_heads params, one per MI layer (present, and untouched, when mi.weight = 0),
+     "heads": mi.init_heads(...).params, one dict per MI layer (present, and untouched, when
+               mi.weight = 0; the options live in the step context's mi.MIConfig),
      "banks": per MI layer a mi.init_memory_bank (only with mi.weight > 0 and mi.bank_slots > 0),
      "opt_state": one optax state per learned part ("images", "heads", "syn_lr", "labels")}
 
@@ -76,6 +77,12 @@ def mi_options(mi_cfg: Mapping[str, Any]) -> dict[str, Any]:
             value = None
         opts[name] = value
     return opts
+
+
+def mi_config(mi_cfg: Mapping[str, Any]) -> mi.MIConfig:
+    """The one ``mi.MIConfig`` of a ``config.mi`` block (built once per run by the step context
+    and by ``init_state``, then passed down; ConfigError for a bad option)."""
+    return mi.make_config(**mi_options(mi_cfg))
 
 
 def make_optimizer(name: str, lr: float, momentum: float = 0.0) -> optax.GradientTransformation:
@@ -197,18 +204,43 @@ def read_init(path: str, dataset: data_lib.Dataset, config: Any) -> InitSet:
     return out
 
 
+def init_images(
+    key: jax.Array, dataset: data_lib.Dataset, ipc: int, init: str = "real"
+) -> dict[str, jax.Array]:
+    """A synthetic set without a config: {"images": [C * ipc, H, W, Ch] float32 (model space,
+    class-major: image i has class i // ipc), "labels": [C * ipc] int32}.
+
+    init "real": ``ipc`` distinct random train images per class (``data.sample_per_class``; the
+    initialisation DM, DC/DSA and MTT publish); "noise": standard normal pixels in model space.
+    Only ``dataset``'s train split and metadata are read. ``init_state`` builds its images
+    with this, so the same key gives the same images as ``run.py``'s ``fold_in(key, 0)``.
+    """
+    check_choice("init", init, INITS)
+    if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
+        raise ConfigError(f"bad ipc {ipc!r}; valid: an integer >= 1 (images per class)")
+    num_classes, shape = dataset.num_classes, dataset.image_shape
+    if init == "real":
+        fewest = int(np.min(np.bincount(dataset.train_labels, minlength=num_classes)))
+        if fewest < ipc:
+            raise ConfigError(
+                f"init='real' draws ipc={ipc} distinct images per class, but a class of "
+                f"{dataset.name} has only {fewest}; valid: ipc <= {fewest}, or init='noise'"
+            )
+        index = data_lib.class_index(dataset.train_labels, num_classes)
+        chosen = np.asarray(data_lib.sample_per_class(key, index, ipc)).reshape(-1)
+        images = jnp.asarray(dataset.train_images[chosen], jnp.float32)
+    else:
+        images = jax.random.normal(key, (num_classes * ipc, *shape), jnp.float32)
+    return {"images": images, "labels": objectives.class_labels(num_classes, ipc)}
+
+
 def _init_images(
     key: jax.Array, dataset: data_lib.Dataset, config: Any, loaded: InitSet | None
 ) -> tuple[jax.Array, jax.Array]:
     """Initial images [C*ipc, H, W, Ch] and the ``trainable`` mask [C*ipc] bool."""
     check_choice("distill.init", config.distill.init, INITS)
     num_classes, ipc, shape = dataset.num_classes, config.ipc, dataset.image_shape
-    if config.distill.init == "real":
-        index = data_lib.class_index(dataset.train_labels, num_classes)
-        chosen = np.asarray(data_lib.sample_per_class(key, index, ipc)).reshape(-1)
-        images = jnp.asarray(dataset.train_images[chosen], jnp.float32)
-    else:
-        images = jax.random.normal(key, (num_classes * ipc, *shape), jnp.float32)
+    images = init_images(key, dataset, ipc, config.distill.init)["images"]
     trainable = jnp.ones((num_classes * ipc,), bool)
     if loaded is None:
         return images, trainable
@@ -254,11 +286,11 @@ def init_state(key: jax.Array, dataset: data_lib.Dataset, config: Any) -> State:
     model = evaluate_lib.build_model(config, num_classes)
     blocks = models.block_shapes(model, shape)
     layers = mi_layers(config, model, shape)
+    # The state keeps the heads' params only (the checkpoint layout); the options live in the
+    # step context's MIConfig, which wraps them back into mi.Heads.
     heads = mi.init_heads(
-        jax.random.fold_in(key, 1),
-        [(1, *blocks[layer]) for layer in layers],
-        **mi_options(config.mi),
-    )
+        jax.random.fold_in(key, 1), [blocks[layer] for layer in layers], config=mi_config(config.mi)
+    ).params
     lr = config.mtt.lr_teacher if config.method == "mtt" else config.eval.lr
     state = {
         "images": images,

@@ -84,9 +84,7 @@ def real_chunk(config: Any) -> int:
     """``distill.real_chunk`` resolved: -1 is 64 on CPU (measured best of 20-320 for the DM step,
     BENCHMARKS.md) and 0 (one pass) on accelerators, where big batches are the fast case."""
     chunk = int(config.distill.real_chunk)
-    if chunk == -1:
-        return 64 if jax.default_backend() == "cpu" else 0
-    return chunk
+    return objectives.default_real_chunk() if chunk == -1 else chunk
 
 
 def _real_batch(config: Any, counts: np.ndarray) -> int:
@@ -108,7 +106,7 @@ def make_context(config: Any, dataset: data_lib.Dataset, mesh: Mesh) -> StepCont
         chunk=real_chunk(config),
         mesh=mesh,
         layers=state_lib.mi_layers(config, model, shape),
-        mi_opts=state_lib.mi_options(config.mi),
+        mi_config=state_lib.mi_config(config.mi),
         txs=state_lib.optimizers(config),
         parts=state_lib.learned_parts(config),
         real_labels=objectives.class_labels(num_classes, n_real),

@@ -2,8 +2,10 @@
 the guarded optax update (written once here for all base methods), and feature helpers.
 
 - **MIM4DD add-on**: total = base + lambda * mi.mi_loss (= -sum_l w_l MI_l) over the blocks in
-  ``mi.layers``; lambda = mi.weight ("absolute") or mi.weight * |g_base| / |g_mi| on the image
-  gradients ("relative": the weight is the ratio of the two pulls). The base method computes its
+  ``mi.layers``; lambda = mi.weight ("absolute") or ``mi.relative_weight(g_base, g_mi,
+  mi.weight)`` = mi.weight * |g_base| / |g_mi| on the image gradients ("relative": the weight is
+  the ratio of the two pulls). The one ``mi.MIConfig`` (``StepContext.mi_config``) is built
+  once per run and wraps the state's head params into ``mi.Heads``. The base method computes its
   loss and hands over what its MI features need (``carry``); the MI term then sees the synthetic
   images through those networks held fixed (real features carry no gradient), so the two image
   gradients come out separately and are logged (grad_norm_base/mi, grad_cos, grad_ratio). The
@@ -68,7 +70,7 @@ class StepContext:
     chunk: int  # steps.real_chunk: slices of the real forward pass (0 = one pass)
     mesh: Mesh
     layers: tuple[int, ...]  # the model blocks with an MI head
-    mi_opts: dict[str, Any]  # state.mi_options(config.mi)
+    mi_config: mi.MIConfig  # state.mi_config(config.mi): built once, passed down
     txs: dict[str, optax.GradientTransformation]  # state.optimizers(config)
     parts: tuple[str, ...]  # state.learned_parts(config)
     # Made once, outside the trace, so every step sees the same constants.
@@ -173,13 +175,12 @@ class StepContext:
             def mi_term(images: jax.Array, heads: Any, carry: Any) -> tuple[jax.Array, Any]:
                 real_blocks, syn_blocks = mi_features(images, carry)
                 return mi.mi_loss(
-                    heads,
-                    [lax.stop_gradient(real_blocks[layer]) for layer in self.layers],
-                    [syn_blocks[layer] for layer in self.layers],
-                    real_labels,
-                    syn_labels,
+                    mi.Heads(heads, self.mi_config),
+                    real=[lax.stop_gradient(real_blocks[layer]) for layer in self.layers],
+                    syn=[syn_blocks[layer] for layer in self.layers],
+                    real_labels=real_labels,
+                    syn_labels=syn_labels,
                     banks=banks,
-                    **self.mi_opts,
                 )
 
             unroll_share = None
@@ -213,8 +214,7 @@ class StepContext:
             norm_mi = jnp.sqrt(jnp.sum(g_mi_images * g_mi_images))
             if self.config.mi.weight_mode == "relative":
                 # The weight is a ratio of pulls; lambda is a constant of this step.
-                safe = jnp.where(norm_mi > 0, norm_mi, 1.0)
-                lam = lax.stop_gradient(jnp.where(norm_mi > 0, self.weight * norm_base / safe, 0.0))
+                lam = mi.relative_weight(g_base, g_mi_images, self.weight)
                 head_scale = 1.0  # the heads maximise the bound itself, at their own lr
             else:
                 lam = jnp.float32(self.weight)

@@ -74,13 +74,17 @@ ESTIMATES = {
 
 @pytest.mark.parametrize("name", sorted(ESTIMATES))
 def test_estimators_give_their_pinned_values(name):
-    positive = mi.positive_mask(jnp.array([0, 0, 1, 2]), jnp.array([0, 1, 1, 2, 2, 0]))
+    positive = mi.positive_mask(
+        real_labels=jnp.array([0, 1, 1, 2, 2, 0]), syn_labels=jnp.array([0, 0, 1, 2])
+    )
     value = float(getattr(mi, name)(SCORES, positive))
     assert value == pytest.approx(ESTIMATES[name], rel=2e-6, abs=1e-7)
 
 
 def test_nce_with_a_data_count_gives_its_pinned_value():
-    positive = mi.positive_mask(jnp.array([0, 0, 1, 2]), jnp.array([0, 1, 1, 2, 2, 0]))
+    positive = mi.positive_mask(
+        real_labels=jnp.array([0, 1, 1, 2, 2, 0]), syn_labels=jnp.array([0, 0, 1, 2])
+    )
     value = float(mi.nce(SCORES, positive, n_data=100.0))
     assert value == pytest.approx(-17.865638732910156, rel=2e-6)
 

@@ -97,3 +97,13 @@ def test_config_imports_none_of_the_modules_that_use_it():
 def test_the_checker_finds_a_lazy_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_mi_package_layers_import_one_way():
+    """options -> bounds -> critics -> selection -> loss: each layer imports only lower ones."""
+    order = ["options", "bounds", "critics", "selection", "loss"]
+    graph = import_graph()
+    for i, name in enumerate(order):
+        inside = {d for d in graph[f"{PACKAGE}.mi.{name}"] if d.startswith(f"{PACKAGE}.mi")}
+        assert inside <= {f"{PACKAGE}.mi.{lower}" for lower in order[:i]}, (name, inside)
+    assert f"{PACKAGE}.mi.loss" in graph[f"{PACKAGE}.mi"]  # the package re-exports the layers

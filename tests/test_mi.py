@@ -12,8 +12,14 @@ import pytest
 
 from mim4dd_jax import mi
 from mim4dd_jax.errors import ConfigError
+from mim4dd_jax.mi import critics
 
 ESTIMATORS = mi.ESTIMATORS
+
+
+def _with(heads, **cfg):
+    """The same head params under other options (e.g. one estimator after another)."""
+    return mi.Heads(heads.params, mi.make_config(**cfg))
 
 
 def _keys(seed, n):
@@ -122,7 +128,7 @@ def test_trained_heads_estimate_rises_with_rho():
 
     def loss_fn(params, key, rho):
         x, y = _gaussian_pairs(key, n, d, rho)
-        return mi.mi_loss(params, (y,), (x,), labels, labels, **cfg)[0]
+        return mi.mi_loss(params, real=(y,), syn=(x,), real_labels=labels, syn_labels=labels)[0]
 
     def train_and_eval(rho):
         def step(carry, key):
@@ -211,10 +217,10 @@ def test_separable_classes_every_estimator_stays_below_log_k(arrangement):
         def one(name, negatives, chunk):
             def f(bias):
                 return mi.embedding_mi(
-                    zs,
-                    zr,
-                    ys,
-                    yr,
+                    real=zr,
+                    syn=zs,
+                    real_labels=yr,
+                    syn_labels=ys,
                     estimator=name,
                     temperature=0.07,
                     negatives=negatives,
@@ -342,10 +348,10 @@ def test_exact_values_on_a_hand_written_matrix(negatives):
             np.testing.assert_allclose(default, want, rtol=1e-5, err_msg=name)
         for chunk in (None, 2):
             got = mi.embedding_mi(
-                zs,
-                zr,
-                jnp.asarray(HAND_YS),
-                jnp.asarray(HAND_YR),
+                real=zr,
+                syn=zs,
+                real_labels=jnp.asarray(HAND_YR),
+                syn_labels=jnp.asarray(HAND_YS),
                 estimator=name,
                 critic="bilinear",
                 temperature=1.0,
@@ -387,7 +393,13 @@ def test_soft_labels_get_no_gradient_through_the_pair_weights(estimator):
         def f(lg, chunk=chunk):
             soft = jax.nn.softmax(lg)
             return mi.embedding_mi(
-                zs, zr, soft, yr, mask="soft", estimator=estimator, chunk_size=chunk
+                real=zr,
+                syn=zs,
+                real_labels=yr,
+                syn_labels=soft,
+                mask="soft",
+                estimator=estimator,
+                chunk_size=chunk,
             )
 
         value, grad = jax.value_and_grad(f)(logits)
@@ -404,7 +416,10 @@ def _grads_for_every_estimator(params, real, syn, real_labels, syn_labels, **cfg
     for name in ESTIMATORS:
 
         def loss(p, r, s, name=name):
-            return mi.mi_loss(p, r, s, real_labels, syn_labels, estimator=name, **cfg)[0]
+            heads = _with(p, estimator=name, **cfg)
+            return mi.mi_loss(heads, real=r, syn=s, real_labels=real_labels, syn_labels=syn_labels)[
+                0
+            ]
 
         out[name] = jax.value_and_grad(loss, (0, 1, 2))(params, real, syn)
     return out
@@ -472,7 +487,9 @@ def test_chunked_equals_one_shot(estimator, extra):
     @jax.jit
     def both(a, b):
         def f(a, b, chunk):
-            return mi.embedding_mi(a, b, ys, yr, chunk_size=chunk, **cfg)
+            return mi.embedding_mi(
+                real=b, syn=a, real_labels=yr, syn_labels=ys, chunk_size=chunk, **cfg
+            )
 
         return [jax.value_and_grad(f, (0, 1))(a, b, chunk) for chunk in (None, 8)]
 
@@ -487,8 +504,12 @@ def test_vmap_over_layers_equals_loop():
     real, syn, yr, ys = _feats(1, shapes=(shape,) * layers)
     cfg = dict(estimator="nce", temperature=0.2, reduce="flatten", k_neg=6)
     params = mi.init_heads(jax.random.PRNGKey(2), [f.shape for f in real], **cfg)
-    one = jax.jit(functools.partial(mi.layer_mi, real_labels=yr, syn_labels=ys, **cfg))
-    stacked = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *params)
+    one = jax.jit(
+        lambda p, r, s: mi.layer_mi(
+            mi.Heads((p,), params.config), 0, real=r, syn=s, real_labels=yr, syn_labels=ys
+        )
+    )
+    stacked = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *params.params)
     vmapped, emb = jax.jit(jax.vmap(one))(stacked, jnp.stack(real), jnp.stack(syn))
     for layer in range(layers):
         v, e = one(params[layer], real[layer], syn[layer])
@@ -509,7 +530,10 @@ def test_permutation_invariance(two_layer_problem, chunk):
     cfg = dict(estimator="infonce", temperature=0.1, chunk_size=chunk, beta=0.5)
     pr = jax.random.permutation(jax.random.PRNGKey(4), yr.shape[0])
     ps = jax.random.permutation(jax.random.PRNGKey(5), ys.shape[0])
-    estimates = jax.jit(lambda r, s, a, b: mi.mi_loss(params, r, s, a, b, **cfg)[1]["mi"])
+    heads = _with(params, **cfg)
+    estimates = jax.jit(
+        lambda r, s, a, b: mi.mi_loss(heads, real=r, syn=s, real_labels=a, syn_labels=b)[1]["mi"]
+    )
     base = estimates(real, syn, yr, ys)
     permuted = estimates(tuple(r[pr] for r in real), tuple(s[ps] for s in syn), yr[pr], ys[ps])
     np.testing.assert_allclose(permuted, base, rtol=1e-5, atol=1e-6)
@@ -520,19 +544,23 @@ def test_permutation_invariance(two_layer_problem, chunk):
 
 def test_every_public_function_jits():
     zs, zr, ys, yr = _random_problem(4)
-    scores = mi.critic_scores(zs, zr, temperature=0.2)
-    pos = mi.positive_mask(ys, yr)
+    scores = mi.critic_scores(real=zr, syn=zs, temperature=0.2)
+    pos = mi.positive_mask(real_labels=yr, syn_labels=ys)
     bank = mi.update_memory_bank(mi.init_memory_bank(3, 4, 8), zr, yr)
     cfg = dict(estimator="js", temperature=0.2, critic="bilinear", head="mlp", chunk_size=9)
     cfg.update(embed_dim=8, hidden_dim=16, beta=0.5, k_neg=4)
-    params = mi.init_heads(jax.random.PRNGKey(0), [(1, 8)], **cfg)
+    heads = mi.init_heads(jax.random.PRNGKey(0), [(8,)], **cfg)
+    fitted = mi.Heads(({"bias": jnp.zeros(())},), mi.make_config(head="none", reduce="flatten"))
     soft = jax.nn.softmax(zs[:, :3])
     P = functools.partial
 
     cases = [
         (mi.l2_normalize, (zs,)),
-        (P(mi.critic_scores, critic="bilinear", temperature=0.3), (zs, zr)),
-        (P(mi.positive_mask, mode="soft"), (soft, yr)),
+        (
+            lambda a, b: mi.critic_scores(real=b, syn=a, critic="bilinear", temperature=0.3),
+            (zs, zr),
+        ),
+        (lambda a, b: mi.positive_mask(real_labels=b, syn_labels=a, mode="soft"), (soft, yr)),
         (mi.infonce, (scores, pos)),
         (P(mi.nce, n_data=100.0), (scores, pos)),
         (mi.nwj, (scores, pos)),
@@ -541,21 +569,26 @@ def test_every_public_function_jits():
         (P(mi.hard_negative_weights, beta=1.0), (scores, 1 - pos)),
         (P(mi.select_topk, k_pos=2, k_neg=3), (scores, pos)),
         (P(mi.negative_weights, estimator="nwj"), (pos,)),
-        (mi.standardize, (zr, zs)),
-        (P(mi.embed, head="none", reduce="flatten"), ({}, zr, zs, yr)),
+        (lambda a, b: mi.standardize(real=a, syn=b), (zr, zs)),
+        (lambda h, a, b, y: mi.embed(h, 0, real=a, syn=b, real_labels=y), (fitted, zr, zs, yr)),
         (P(mi.reduce_features, mode="gap"), (zs.reshape(12, 2, 2, 2),)),
         (mi.ProjectionHead(kind="mlp", dim=8, hidden=16).init, (jax.random.PRNGKey(0), zs)),
-        (lambda k: mi.init_heads(k, [(1, 8)], **cfg), (jax.random.PRNGKey(1),)),
+        (lambda k: mi.init_heads(k, [(8,)], **cfg), (jax.random.PRNGKey(1),)),
         (lambda: mi.init_memory_bank(3, 4, 8), ()),
         (P(mi.update_memory_bank, momentum=0.9), (bank, zr, yr)),
         (mi.bank_candidates, (bank,)),
+        (mi.relative_weight, ({"a": zs, "b": zr}, {"a": 2 * zs, "b": zr}, 0.5)),
     ]
+
     # mi_loss (-> layer_mi -> embedding_mi: streamed, bank, top-k, tilt) is checked against its
     # one-shot self; layer_mi and embedding_mi alone are also jitted in the vmap/chunk tests.
-    args = (params, (zr,), (zs,), yr, ys)
-    cases.append((P(mi.mi_loss, banks=(bank,), **cfg), args))
+    def loss(h, r, s, a, b):
+        return mi.mi_loss(h, real=r, syn=s, real_labels=a, syn_labels=b, banks=(bank,))
+
+    args = (heads, (zr,), (zs,), yr, ys)
+    cases.append((loss, args))
     eager = [fn(*a) for fn, a in cases[:-1]]
-    eager.append(mi.mi_loss(*args, banks=(bank,), **{**cfg, "chunk_size": None}))
+    eager.append(loss(_with(heads, **{**cfg, "chunk_size": None}), *args[1:]))
     # One jit around all of them: each is traced and compiled as part of a jitted program.
     jitted = jax.jit(lambda all_args: [fn(*a) for (fn, _), a in zip(cases, all_args, strict=True)])(
         [a for _, a in cases]
@@ -573,7 +606,7 @@ def _selection_problem(seed=0, ns=8, nr=50):
     scores = 3.0 * jax.random.normal(k[0], (ns, nr))
     labels_s = jnp.arange(ns) % 4
     labels_r = jax.random.randint(k[1], (nr,), 0, 4)
-    return scores, mi.positive_mask(labels_s, labels_r)
+    return scores, mi.positive_mask(real_labels=labels_r, syn_labels=labels_s)
 
 
 @pytest.mark.parametrize("negatives", mi.NEGATIVES)
@@ -679,10 +712,14 @@ def test_fitted_heads_cancel_the_common_component():
     real, syn, yr, ys = _common_component_problem()
     unit = mi.l2_normalize(real)
     assert float((unit @ unit.T).min()) > 0.998  # the set-up: raw features all but parallel
-    raw = float(mi.embedding_mi(syn, real, ys, yr))  # plain cosine of the raw features
+    # plain cosine of the raw features
+    raw = float(mi.embedding_mi(real=real, syn=syn, real_labels=yr, syn_labels=ys))
+    fitted = {
+        h: mi.Heads(({"bias": jnp.zeros(())},), mi.make_config(head=h)) for h in mi.FITTED_HEADS
+    }
     est = {
-        head: float(mi.layer_mi({"bias": jnp.zeros(())}, real, syn, yr, ys, head=head)[0])
-        for head in mi.FITTED_HEADS
+        head: float(mi.layer_mi(heads, 0, real=real, syn=syn, real_labels=yr, syn_labels=ys)[0])
+        for head, heads in fitted.items()
     }
     assert raw < 0.05, raw  # cosine/tau is ~1/tau for every pair: no information left
     assert est["none"] > raw + 0.5, (est, raw)  # measured: 1.01 vs 0.007
@@ -699,7 +736,7 @@ def test_fitted_heads_gradient_skips_the_fitted_statistics(head):
     bias = jnp.asarray(0.3)
     flat = np.asarray(real, np.float64).reshape(real.shape[0], -1)
     var = flat.var(0)
-    mean, inv_std = flat.mean(0), 1.0 / np.sqrt(var + mi._VAR_FLOOR * var.mean() + 1e-12)
+    mean, inv_std = flat.mean(0), 1.0 / np.sqrt(var + critics._VAR_FLOOR * var.mean() + 1e-12)
     proj = np.eye(flat.shape[1])
     if head == "lda":
         proj = np.asarray(mi.lda_projection(jnp.asarray((flat - mean) * inv_std), yr))
@@ -709,10 +746,13 @@ def test_fitted_heads_gradient_skips_the_fitted_statistics(head):
             x = (x.reshape(x.shape[0], -1) - mean.astype(np.float32)) * inv_std.astype(np.float32)
             return mi.l2_normalize(x @ proj.astype(np.float32))
 
-        return mi.embedding_mi(z(s), z(r), ys, yr, critic_params={"bias": bias}, **cfg)
+        return mi.embedding_mi(
+            real=z(r), syn=z(s), real_labels=yr, syn_labels=ys, critic_params={"bias": bias}, **cfg
+        )
 
     def library(r, s):
-        return mi.layer_mi({"bias": bias}, r, s, yr, ys, **cfg)[0]
+        heads = mi.Heads(({"bias": bias},), mi.make_config(**cfg))
+        return mi.layer_mi(heads, 0, real=r, syn=s, real_labels=yr, syn_labels=ys)[0]
 
     v1, g1 = jax.value_and_grad(library, (0, 1))(real, syn)
     v2, g2 = jax.value_and_grad(by_hand, (0, 1))(real, syn)
@@ -729,7 +769,7 @@ def test_lda_dual_equals_primal_and_keeps_at_most_k_minus_1_directions():
     x = jax.random.normal(k[0], (n, d)) + 2.0 * jax.random.normal(k[1], (classes, d))[labels]
     probe = jax.random.normal(k[2], (7, d))  # points off the samples' span too
     dual = mi.lda_projection(x, labels)  # D > N: fitted in the span of the samples
-    primal = mi._lda_projection(x, labels, mi.LDA_SHRINKAGE, False)
+    primal = critics._lda_projection(x, labels, mi.LDA_SHRINKAGE, False)
     assert dual.shape == (d, n) and primal.shape == (d, d)
     for pts in (x, probe):
         a, b = pts @ dual, pts @ primal  # the critic only sees inner products
@@ -752,20 +792,22 @@ def test_fitted_heads_have_only_a_critic_offset():
     for head in mi.FITTED_HEADS:
         cfg = dict(head=head, estimator="nwj", temperature=0.5)
         params = mi.init_heads(jax.random.PRNGKey(0), shapes, **cfg)
-        assert [set(p) for p in params] == [{"bias"}] * len(shapes)
+        assert [set(p) for p in params.params] == [{"bias"}] * len(shapes)
         assert float(params[0]["bias"]) == -2.0  # nwj starts at -1/temperature: scores <= 0
         (loss, aux), grads = jax.jit(
             jax.value_and_grad(
-                lambda p, cfg=cfg: mi.mi_loss(p, real, syn, yr, ys, **cfg), has_aux=True
+                lambda p: mi.mi_loss(p, real=real, syn=syn, real_labels=yr, syn_labels=ys),
+                has_aux=True,
             )
         )(params)
         assert np.isfinite(float(loss)) and aux["mi"].shape == (len(shapes),)
-        assert all(float(jnp.abs(g["bias"])) > 0 for g in grads)
+        assert all(float(jnp.abs(g["bias"])) > 0 for g in grads.params)
         opt = optax.adam(1e-2)  # the state's optimiser works on them as on trained heads
         updates, _ = opt.update(grads, opt.init(params), params)
         assert optax.apply_updates(params, updates)[0]["bias"] != params[0]["bias"]
         width = {"none": (4 * 4 * 3,), "lda": (yr.shape[0],)}[head]  # flatten: 48 > N = 20
-        z_real, z_syn = mi.embed(params[0], real[0], syn[0], yr, reduce="flatten", **cfg)
+        flat = _with(params, reduce="flatten", **cfg)
+        z_real, z_syn = mi.embed(flat, 0, real=real[0], syn=syn[0], real_labels=yr)
         assert z_real.shape == (yr.shape[0], *width) and z_syn.shape == (ys.shape[0], *width)
     # infonce is shift-invariant, so its offset stays 0.
     assert float(mi.init_heads(jax.random.PRNGKey(0), shapes, head="none")[0]["bias"]) == 0.0
@@ -823,7 +865,18 @@ def test_memory_bank_adds_negatives_as_constant_candidates():
     yr, ys = jax.random.randint(k[2], (10,), 0, 3), jnp.array([0, 1, 2, 0])
     cfg = dict(estimator="infonce", temperature=0.2, embed_dim=8)
     params = mi.init_heads(jax.random.PRNGKey(8), [(1, 6)], **cfg)[0]
-    layer_mi = jax.jit(lambda p, b: mi.layer_mi(p, real, syn, yr, ys, bank=b, **cfg))
+    heads = mi.init_heads(jax.random.PRNGKey(8), [(1, 6)], **cfg)
+    layer_mi = jax.jit(
+        lambda p, b: mi.layer_mi(
+            mi.Heads((p,), heads.config),
+            0,
+            real=real,
+            syn=syn,
+            real_labels=yr,
+            syn_labels=ys,
+            bank=b,
+        )
+    )
     layer = lambda p, b: layer_mi(p, b)[0]
     empty = mi.init_memory_bank(3, 2, 8)  # an empty bank changes nothing
     z_real = layer_mi(params, empty)[1]
@@ -833,15 +886,22 @@ def test_memory_bank_adds_negatives_as_constant_candidates():
     keep = np.asarray(valid) > 0
     assert 0 < keep.sum() < keep.size  # some slots filled, some empty
     direct = mi.embedding_mi(
-        z_syn,
-        jnp.concatenate([z_real, emb[keep]]),
-        ys,
-        jnp.concatenate([yr, lab[keep]]),
+        real=jnp.concatenate([z_real, emb[keep]]),
+        syn=z_syn,
+        real_labels=jnp.concatenate([yr, lab[keep]]),
+        syn_labels=ys,
         critic_params={"bias": params["bias"]},
         **cfg,
     )
     np.testing.assert_allclose(layer(params, bank), direct, rtol=1e-5)
-    no_bank = mi.embedding_mi(z_syn, z_real, ys, yr, critic_params={"bias": params["bias"]}, **cfg)
+    no_bank = mi.embedding_mi(
+        real=z_real,
+        syn=z_syn,
+        real_labels=yr,
+        syn_labels=ys,
+        critic_params={"bias": params["bias"]},
+        **cfg,
+    )
     np.testing.assert_allclose(layer(params, empty), no_bank, rtol=1e-6)
     assert abs(float(layer(params, bank)) - float(layer(params, empty))) > 1e-4
     grad = jax.grad(lambda e: layer(params, {**bank, "emb": e}))(bank["emb"])
@@ -854,28 +914,33 @@ def test_memory_bank_adds_negatives_as_constant_candidates():
 def test_positive_mask_hard_soft_and_similarity():
     ys, yr = jnp.array([0, 1, 2]), jnp.array([2, 0, 0, 1])
     want = np.array([[0, 1, 1, 0], [0, 0, 0, 1], [1, 0, 0, 0]], np.float32)
-    np.testing.assert_array_equal(mi.positive_mask(ys, yr), want)
+    np.testing.assert_array_equal(mi.positive_mask(real_labels=yr, syn_labels=ys), want)
     soft = jnp.array([[0.7, 0.2, 0.1], [0.1, 0.5, 0.4], [0.3, 0.3, 0.4]])
-    np.testing.assert_array_equal(mi.positive_mask(soft, yr), want)  # hard: via the argmax
-    sim = mi.positive_mask(soft, yr, mode="soft")
+    hard = mi.positive_mask(real_labels=yr, syn_labels=soft)
+    np.testing.assert_array_equal(hard, want)  # hard: via the argmax
+    sim = mi.positive_mask(real_labels=yr, syn_labels=soft, mode="soft")
     np.testing.assert_allclose(sim, np.asarray(soft)[:, np.asarray(yr)], rtol=1e-6)
-    np.testing.assert_array_equal(mi.positive_mask(ys, yr, mode="soft"), want)
+    np.testing.assert_array_equal(
+        mi.positive_mask(real_labels=yr, syn_labels=ys, mode="soft"), want
+    )
 
 
 def test_scores_critics_and_heads():
     zs, zr, _, _ = _random_problem(5)
-    cos = mi.critic_scores(zs, zr, temperature=0.5)
+    cos = mi.critic_scores(real=zr, syn=zs, temperature=0.5)
     want = np.asarray(mi.l2_normalize(zs) @ mi.l2_normalize(zr).T) / 0.5
     np.testing.assert_allclose(cos, want, rtol=1e-5)
     assert float(jnp.abs(cos).max()) <= 2.0 + 1e-5
     us, ur = mi.l2_normalize(zs), mi.l2_normalize(zr)
     eye = jnp.eye(zs.shape[1])
     np.testing.assert_allclose(
-        mi.critic_scores(us, ur, critic="bilinear", weight=eye), us @ ur.T / 0.07, rtol=1e-5
+        mi.critic_scores(real=ur, syn=us, critic="bilinear", weight=eye),
+        us @ ur.T / 0.07,
+        rtol=1e-5,
     )
     w = jax.random.normal(jax.random.PRNGKey(0), (8, 8))
     np.testing.assert_allclose(
-        mi.critic_scores(zs, zr, critic="bilinear", weight=w, temperature=2.0, bias=1.0),
+        mi.critic_scores(real=zr, syn=zs, critic="bilinear", weight=w, temperature=2.0, bias=1.0),
         zs @ w @ zr.T / 2.0 + 1.0,
         rtol=1e-5,
         atol=1e-5,
@@ -899,7 +964,9 @@ def test_scores_critics_and_heads():
 def test_layer_weights_make_a_weighted_sum(two_layer_problem):
     real, syn, yr, ys, params = two_layer_problem
     cfg = dict(estimator="nwj", temperature=0.5, layer_weights=(0.25, 2.0))
-    loss, aux = jax.jit(functools.partial(mi.mi_loss, **cfg))(params, real, syn, yr, ys)
+    loss, aux = jax.jit(mi.mi_loss)(
+        _with(params, **cfg), real=real, syn=syn, real_labels=yr, syn_labels=ys
+    )
     assert aux["mi"].shape == (2,)
     np.testing.assert_allclose(loss, -(0.25 * aux["mi"][0] + 2.0 * aux["mi"][1]), rtol=1e-6)
     assert [z.shape for z in aux["real_embeddings"]] == [(yr.shape[0], 128)] * 2
@@ -936,7 +1003,7 @@ def test_layer_weights_make_a_weighted_sum(two_layer_problem):
 def test_bad_config_raises_config_error(two_layer_problem, bad):
     real, syn, yr, ys, params = two_layer_problem
     with pytest.raises(ConfigError):
-        mi.mi_loss(params, real, syn, yr, ys, **bad)
+        mi.mi_loss(params, real=real, syn=syn, real_labels=yr, syn_labels=ys, **bad)
 
 
 def test_bad_arguments_raise_config_error(two_layer_problem):
@@ -944,26 +1011,34 @@ def test_bad_arguments_raise_config_error(two_layer_problem):
     real, syn, yr, ys, params = two_layer_problem
     calls = [
         lambda: mi.estimate("mine", scores, pos),
-        lambda: mi.critic_scores(scores, scores, temperature=0),
+        lambda: mi.critic_scores(real=scores, syn=scores, temperature=0),
         lambda: mi.hard_negative_weights(scores, 1 - pos, -1.0),
         lambda: mi.select_topk(scores, pos, k_neg=0),
         lambda: mi.nce(scores, pos, n_data=-3.0),
         lambda: mi.update_memory_bank(
             mi.init_memory_bank(2, 2, 3), jnp.ones((1, 3)), jnp.zeros(1, int), momentum=1.0
         ),
-        lambda: mi.mi_loss(params, real, syn, yr, ys, layer_weights=(1.0,)),
-        lambda: mi.mi_loss(params[:1], real, syn, yr, ys),
-        lambda: mi.positive_mask(ys, yr, mode="cosine"),
+        lambda: mi.mi_loss(
+            _with(params, layer_weights=(1.0,)), real=real, syn=syn, real_labels=yr, syn_labels=ys
+        ),
+        lambda: mi.mi_loss(
+            mi.Heads(params.params[:1], params.config),
+            real=real,
+            syn=syn,
+            real_labels=yr,
+            syn_labels=ys,
+        ),
+        lambda: mi.positive_mask(real_labels=yr, syn_labels=ys, mode="cosine"),
         lambda: mi.negative_weights(pos, "nce", negatives="all"),
         lambda: mi.lda_projection(scores, jnp.arange(scores.shape[0]), shrinkage=0.0),
         lambda: mi.layer_mi(
-            {"bias": jnp.zeros(())},
-            real[0],
-            syn[0],
-            yr,
-            ys,
+            mi.Heads(({"bias": jnp.zeros(())},), mi.make_config(head="none")),
+            0,
+            real=real[0],
+            syn=syn[0],
+            real_labels=yr,
+            syn_labels=ys,
             bank=mi.init_memory_bank(3, 2, 3),
-            head="none",
         ),
     ]
     for call in calls:
@@ -975,7 +1050,7 @@ def test_per_side_heads_are_separate_parameters():
     shapes = [(1, 4, 4, 6), (1, 2, 2, 8)]
     shared = mi.init_heads(jax.random.PRNGKey(0), shapes, embed_dim=5)
     sides = mi.init_heads(jax.random.PRNGKey(0), shapes, embed_dim=5, heads="per_side")
-    for one, two in zip(shared, sides, strict=True):
+    for one, two in zip(shared.params, sides.params, strict=True):
         assert "proj_syn" not in one and set(two) == {"proj", "proj_syn", "bias"}
         # The real side's head is the shared one; the synthetic side's is its own draw.
         jax.tree.map(np.testing.assert_array_equal, one["proj"], two["proj"])
@@ -983,17 +1058,19 @@ def test_per_side_heads_are_separate_parameters():
         assert float(jnp.max(jnp.abs(kernels[0] - kernels[1]))) > 0  # (biases start at 0)
     x = jax.random.normal(jax.random.PRNGKey(1), (6, 4, 4, 6))
     labels = jnp.arange(6) % 3
-    z_real, z_syn = mi.embed(sides[0], x, x, labels, embed_dim=5, heads="per_side")
+    z_real, z_syn = mi.embed(sides, 0, real=x, syn=x)
     assert z_real.shape == z_syn.shape == (6, 5) and float(jnp.max(jnp.abs(z_real - z_syn))) > 0
-    z_real, z_syn = mi.embed(shared[0], x, x, labels, embed_dim=5)
+    z_real, z_syn = mi.embed(shared, 0, real=x, syn=x)
     np.testing.assert_allclose(z_real, z_syn, rtol=1e-6)
 
     real = [jax.random.normal(jax.random.PRNGKey(2), (6, *s[1:])) for s in shapes]
     syn = [jax.random.normal(jax.random.PRNGKey(3), (6, *s[1:])) for s in shapes]
     grads = jax.grad(
-        lambda p: mi.mi_loss(p, real, syn, labels, labels, embed_dim=5, heads="per_side")[0]
+        lambda p: mi.mi_loss(p, real=real, syn=syn, real_labels=labels, syn_labels=labels)[0]
     )(sides)
-    for g in grads:  # both heads learn: the real side through z_real, the synthetic through z_syn
+    for g in (
+        grads.params
+    ):  # both heads learn: the real side through z_real, the synthetic through z_syn
         for side in ("proj", "proj_syn"):
             assert max(float(jnp.max(jnp.abs(v))) for v in jax.tree.leaves(g[side])) > 0
 

@@ -68,7 +68,7 @@ def test_an_absolute_weight_step_is_base_plus_weight_times_mi_by_hand(dataset):
     n_real = int(config.distill.batch_real)
     real_x = jnp.asarray(dataset.train_images)[data.sample_per_class(rk, index, n_real)]
     variables = inner.init_variables(model, nk, dataset.image_shape)
-    opts = state.mi_options(config.mi)
+    opts = state.mi_config(config.mi)
     real_labels = jnp.repeat(jnp.arange(C), n_real)
     syn_labels = jnp.repeat(jnp.arange(C), IPC)
 
@@ -79,7 +79,11 @@ def test_an_absolute_weight_step_is_base_plus_weight_times_mi_by_hand(dataset):
         )
         real_blocks = [jax.lax.stop_gradient(b) for b in feats.real.blocks]
         mi_value, _ = mi.mi_loss(
-            heads, real_blocks, feats.syn.blocks, real_labels, syn_labels, **opts
+            mi.Heads(heads, opts),
+            real=real_blocks,
+            syn=feats.syn.blocks,
+            real_labels=real_labels,
+            syn_labels=syn_labels,
         )
         return base + w * mi_value
 
@@ -157,17 +161,16 @@ def test_an_image_step_with_frozen_heads_raises_the_mi_estimate(dataset):
     index = data.class_index(dataset.train_labels, C)
     real_x = jnp.asarray(dataset.train_images)[data.sample_per_class(jax.random.key(4), index, 5)]
     real_blocks = model.apply(variables, real_x.reshape(-1, HW, HW, 1), features=True).blocks
-    opts = state.mi_options(config.mi)
+    opts = state.mi_config(config.mi)
 
     def estimate(images):
         syn_blocks = model.apply(variables, images, features=True).blocks
         loss, _ = mi.mi_loss(
-            st["heads"],
-            real_blocks,
-            syn_blocks,
-            jnp.repeat(jnp.arange(C), 5),
-            jnp.repeat(jnp.arange(C), IPC),
-            **opts,
+            mi.Heads(st["heads"], opts),
+            real=real_blocks,
+            syn=syn_blocks,
+            real_labels=jnp.repeat(jnp.arange(C), 5),
+            syn_labels=jnp.repeat(jnp.arange(C), IPC),
         )
         return -loss  # nats, summed over layers
 

@@ -220,7 +220,7 @@ def _joint_image_gradient(config, dataset, trajectories, images0, heads, weight)
     n_real = 5  # distill.batch_real of the tiny config
     index = data.class_index(dataset.train_labels, C)
     real_x = jnp.asarray(dataset.train_images)[data.sample_per_class(real_key, index, n_real)]
-    opts = state.mi_options(config.mi)
+    opts = state.mi_config(config.mi)
 
     def joint(images):
         final = objectives.student_unroll(
@@ -245,12 +245,11 @@ def _joint_image_gradient(config, dataset, trajectories, images0, heads, weight)
             steps.real_chunk(config),
         )
         mi_value, _ = mi.mi_loss(
-            heads,
-            [jax.lax.stop_gradient(b) for b in real_blocks],
-            list(syn_blocks),
-            objectives.class_labels(C, n_real),
-            objectives.class_labels(C, IPC),
-            **opts,
+            mi.Heads(heads, opts),
+            real=[jax.lax.stop_gradient(b) for b in real_blocks],
+            syn=list(syn_blocks),
+            real_labels=objectives.class_labels(C, n_real),
+            syn_labels=objectives.class_labels(C, IPC),
         )
         return objectives.mtt_loss(final, start, target) + weight * mi_value
 

@@ -18,7 +18,6 @@ from mim4dd_jax import (
     inner,
     mi,
     objectives,
-    state,
     steps,
     steps_core,
 )
@@ -95,12 +94,11 @@ def test_expert_features_are_drawn_by_the_step_key(dataset, trajectories):
     # mi = the estimate on those features with the initial heads (what the step reports).
     init = distill.init_state(jax.random.fold_in(KEY, 0), dataset, config)
     _, aux = mi.mi_loss(
-        init["heads"],
-        list(real_blocks),
-        list(syn_blocks),
-        objectives.class_labels(C, ctx.n_real),
-        objectives.class_labels(C, IPC),
-        **state.mi_options(config.mi),
+        mi.Heads(init["heads"], ctx.mi_config),
+        real=list(real_blocks),
+        syn=list(syn_blocks),
+        real_labels=objectives.class_labels(C, ctx.n_real),
+        syn_labels=objectives.class_labels(C, IPC),
     )
     np.testing.assert_allclose(metrics["mi"], aux["mi"], rtol=1e-4, atol=1e-6)
 
