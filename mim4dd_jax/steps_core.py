@@ -160,10 +160,6 @@ class StepContext:
         new, opt = dict(st), dict(st["opt_state"])
         if not self.weight:
             (base, (aux, _)), grads = jax.value_and_grad(base_fn, has_aux=True)(learned, st, *args)
-            g_base = grads["images"] * keep
-            norm_base = jnp.sqrt(jnp.sum(g_base * g_base))
-            metrics: Metrics = {"base_loss": base, **aux, "grad_norm_base": norm_base}
-            total = base
         else:
             if mi_features is None:
                 raise ConfigError(
@@ -207,9 +203,11 @@ class StepContext:
                 (mi_value, mi_aux), g_mi = jax.value_and_grad(
                     lambda x: mi_term(x["images"], x["heads"], carry), has_aux=True
                 )(mi_in)
-            g_base = grads["images"] * keep
-            norm_base = jnp.sqrt(jnp.sum(g_base * g_base))
-            metrics = {"base_loss": base, **aux, "grad_norm_base": norm_base}
+        g_base = grads["images"] * keep
+        norm_base = jnp.sqrt(jnp.sum(g_base * g_base))
+        metrics: Metrics = {"base_loss": base, **aux, "grad_norm_base": norm_base}
+        total = base
+        if self.weight:
             g_mi_images = g_mi["images"] * keep
             norm_mi = jnp.sqrt(jnp.sum(g_mi_images * g_mi_images))
             if self.config.mi.weight_mode == "relative":
