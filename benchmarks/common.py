@@ -10,17 +10,17 @@ import sys
 
 import numpy as np
 
-from mim4dd_jax import io
+from mim4dd_jax import artifacts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS_MD = os.path.join(ROOT, "BENCHMARKS.md")
 
 
 def machine() -> str:
-    """The machine line of a BENCHMARKS.md header, formatted from ``io.machine()`` (what
+    """The machine line of a BENCHMARKS.md header, formatted from ``artifacts.machine()`` (what
     results.json records), so both name a machine the same way: the devices and backend off
     CPU, else the CPU model and core count."""
-    m = io.machine()
+    m = artifacts.machine()
     if m["backend"] != "cpu":
         return f"{m['devices']} ({m['backend']})"
     return f"{m['cpu']}, {m['cores']} cores"

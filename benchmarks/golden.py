@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import jax
 
-    from mim4dd_jax import io
+    from mim4dd_jax import artifacts
 
     noise = measure_noise()
     print("noise: " + json.dumps(noise, indent=1))
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             "about": "benchmarks/golden.py: one step of DC, DSA, DM, MTT and the evaluation "
             "trainer on a tiny fixed input; rtol = 100 x the noise measured between XLA variants "
             "on one machine, at least 1e-4",
-            "recorded_with": {"jax": jax.__version__, "cpu": io.cpu_model()},
+            "recorded_with": {"jax": jax.__version__, "cpu": artifacts.cpu_model()},
             "values": values,
             "noise": noise,
             "rtol": {
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             },
         }
         os.makedirs(os.path.dirname(FIXTURE), exist_ok=True)
-        io.write_json(FIXTURE, record, indent=1, sort_keys=True)
+        artifacts.write_json(FIXTURE, record, indent=1, sort_keys=True)
         print(f"wrote {FIXTURE}")
     return 0
 

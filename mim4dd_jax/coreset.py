@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mim4dd_jax import artifacts, inner
 from mim4dd_jax import config as config_lib
 from mim4dd_jax import data as data_lib
 from mim4dd_jax import evaluate as evaluate_lib
-from mim4dd_jax import inner, io
 from mim4dd_jax.choices import FEATURE_SPACES
 from mim4dd_jax.errors import check_choice
 
@@ -130,7 +130,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     # Data-dependent checks come before the workdir is created; the ZCA fit is then cached in it.
     dataset = data_lib.load_from_config(config.data, whitened=False)
     config_lib.check_ipc(config.ipc, data_lib.smallest_class(dataset))
-    workdir = io.prepare_workdir(workdir)
+    workdir = artifacts.prepare_workdir(workdir)
     dataset = data_lib.whiten_from_config(dataset, config.data, cache_dir=workdir)
     key = jax.random.key(config.seed)
     select_key, eval_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
@@ -138,7 +138,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     images = dataset.train_images[chosen]
     labels = dataset.train_labels[chosen]
     pixels = dataset.to_pixels(images)
-    io.save_synthetic_set(
+    artifacts.save_synthetic_set(
         workdir,
         pixels,
         labels,
@@ -157,9 +157,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         "dataset": dataset.name,
         "accuracy": {r.model: r.as_dict() for r in results},
     }
-    io.MetricWriter(workdir).write(0, **summary)
-    summary["machine"] = io.machine()
-    io.write_json(os.path.join(workdir, "results.json"), summary)
+    artifacts.MetricWriter(workdir).write(0, **summary)
+    summary["machine"] = artifacts.machine()
+    artifacts.write_json(os.path.join(workdir, "results.json"), summary)
     for r in results:
         print(f"{config.method} ipc{config.ipc} {r}")
     return summary

@@ -103,7 +103,7 @@ PIXEL_RANGES = ("0_255", "0_1", "normalised")
 
 
 def stored_pixel_range(arrays: Mapping[str, np.ndarray]) -> str | None:
-    """The range a set's own file declares: its ``pixel_range`` array (``io.save_distilled``
+    """The range a set's own file declares: its ``pixel_range`` array (``artifacts.save_distilled``
     writes "0_1"); our files from before it was recorded hold a ``model_images`` copy with its
     ``mean``/``std``, and [0, 1] pixels. None when the file says nothing."""
     if "pixel_range" in arrays:

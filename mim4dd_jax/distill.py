@@ -37,12 +37,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from mim4dd_jax import artifacts, sharding
 from mim4dd_jax import checkpoint as checkpoint_lib
 from mim4dd_jax import config as config_lib
 from mim4dd_jax import data as data_lib
 from mim4dd_jax import evaluate as evaluate_lib
 from mim4dd_jax import experts as experts_lib
-from mim4dd_jax import io, sharding
 from mim4dd_jax.errors import ConfigError
 
 # The loop's own names, and (for the API of the single-module version) the state's and the
@@ -100,7 +100,7 @@ def _save_artifacts(
     model_images = sharding.to_host(state["images"])
     pixels = dataset.to_pixels(model_images)
     labels = eval_labels(state)
-    io.save_synthetic_set(
+    artifacts.save_synthetic_set(
         workdir,
         pixels,
         labels,
@@ -118,7 +118,7 @@ def _save_artifacts(
     # The same picture as grid.png: copy its bytes rather than render it again.
     with open(os.path.join(workdir, "grid.png"), "rb") as src:
         png = src.read()
-    with io.atomic_write(os.path.join(workdir, f"grid_{iteration:06d}.png")) as dst:
+    with artifacts.atomic_write(os.path.join(workdir, f"grid_{iteration:06d}.png")) as dst:
         dst.write(png)
 
 
@@ -268,11 +268,11 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     if config.distill.init_from:
         read_init(config.distill.init_from, dataset, config)
     experts = _load_experts(config, dataset) if needs_experts(config) else None
-    check_same_run(io.check_workdir(workdir), config)
-    workdir = io.prepare_workdir(workdir)
+    check_same_run(artifacts.check_workdir(workdir), config)
+    workdir = artifacts.prepare_workdir(workdir)
     dataset = data_lib.whiten_from_config(dataset, config.data, cache_dir=workdir)
     if main:
-        io.write_json(
+        artifacts.write_json(
             os.path.join(workdir, "config.json"), _config_fingerprint(config), sort_keys=True
         )
 
@@ -290,7 +290,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         start, state = restored
         logging.warning("resuming %s from iteration %d", workdir, start)
     step = make_step(config, dataset)
-    writer = io.MetricWriter(workdir, tensorboard=True) if main else None
+    writer = artifacts.MetricWriter(workdir, tensorboard=True) if main else None
     if writer is not None:
         # A killed run may have logged steps after its last checkpoint; they are redone now, so
         # they go (each step once in the trace), and so does a final evaluation, always redone.
@@ -309,7 +309,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         if (
             iteration != d.iterations
             and jax.process_count() == 1
-            and all(iteration in points for points in io.accuracy_history(workdir).values() or [{}])
+            and all(
+                iteration in points
+                for points in artifacts.accuracy_history(workdir).values() or [{}]
+            )
         ):
             return  # a resumed run already evaluated this iteration before it stopped
         # Every process evaluates: the models are spread over the whole mesh.
@@ -329,7 +332,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         writer.write(iteration, accuracy=summary["accuracy"])
         with open(os.path.join(workdir, "grid.png"), "rb") as f:  # written by _save_artifacts
             writer.write_image(iteration, "synthetic/grid", f.read())
-        io.save_accuracy_plot(workdir)
+        artifacts.save_accuracy_plot(workdir)
         for r in results:
             tqdm.write(f"{config.method} ipc{config.ipc} it {iteration}: {r}")
 
@@ -396,9 +399,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     if main:
         # "accuracy" (= "final") is the last evaluation, which DC/DSA/DM's code reports; MTT's
         # code reports the best over its evaluations. Both are recorded, labelled.
-        summary.update(io.final_and_best(io.accuracy_history(workdir)))
+        summary.update(artifacts.final_and_best(artifacts.accuracy_history(workdir)))
         summary["num_models"] = int(config.eval.num_models)
-        summary["machine"] = io.machine()
+        summary["machine"] = artifacts.machine()
         if experts is not None:
             # The count this run matched against (the reference trains 100), not experts.num.
             shape = experts.trajectories.shape
@@ -407,5 +410,5 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                 "epochs": int(shape[1]) - 1,
                 "dir": config.mtt.experts_dir,
             }
-        io.write_json(os.path.join(workdir, "results.json"), summary)
+        artifacts.write_json(os.path.join(workdir, "results.json"), summary)
     return summary

@@ -61,11 +61,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from mim4dd_jax import artifacts, inner
 from mim4dd_jax import augment as augment_lib
 from mim4dd_jax import config as config_lib
 from mim4dd_jax import data as data_lib
 from mim4dd_jax import evaluate as evaluate_lib
-from mim4dd_jax import inner, io
 from mim4dd_jax.errors import ConfigError
 
 PyTree = Any
@@ -349,7 +349,7 @@ def _write_expert(path: str, record: _Record) -> None:
     n = record.test_accuracy.shape[0]
     chex.assert_shape(record.params, (n + 1, None))
     chex.assert_rank(record.state, 1)
-    io.save_npz(
+    artifacts.save_npz(
         path,
         params=np.asarray(record.params, np.float32),
         test_accuracy=np.asarray(record.test_accuracy, np.float32),
@@ -381,7 +381,7 @@ def _train_chunk(
     hparams: EpochConfig,
     arrays: tuple[jax.Array, ...],
     image_shape: tuple[int, ...],
-    writer: io.MetricWriter,
+    writer: artifacts.MetricWriter,
     bar: Any,
 ) -> None:
     """Trains the experts of ``chunk`` (padded to ``size`` slots) up to ``epochs`` epochs each,
@@ -471,7 +471,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     # Data-dependent checks come before the workdir is created; the ZCA fit is then cached in it.
     dataset = data_lib.load_from_config(config.data, whitened=False)
     meta = make_meta(config, dataset)
-    meta_path = os.path.join(io.check_workdir(workdir), META)
+    meta_path = os.path.join(artifacts.check_workdir(workdir), META)
     if os.path.exists(meta_path):
         check_meta(
             _read_meta(meta_path),
@@ -485,10 +485,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             f"{os.path.dirname(meta_path)!r} holds expert files but no {META}; "
             "use another --workdir"
         )
-    workdir = io.prepare_workdir(workdir)
+    workdir = artifacts.prepare_workdir(workdir)
     dataset = data_lib.whiten_from_config(dataset, config.data, cache_dir=workdir)
     if not os.path.exists(meta_path):
-        io.write_json(meta_path, meta)
+        artifacts.write_json(meta_path, meta)
 
     model = evaluate_lib.build_model(config, dataset.num_classes)
     hparams = EpochConfig(
@@ -516,7 +516,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
 
     done = {i: epochs_done(i) for i in range(ex.num)}
     todo = [i for i in range(ex.num) if done[i] < ex.epochs]
-    writer = io.MetricWriter(workdir)
+    writer = artifacts.MetricWriter(workdir)
     if todo:
         chunks, size = _chunks(todo, resolve_group(ex.group, len(todo)))
         # A chunk runs until its least-trained member is done.
@@ -548,9 +548,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         "num": ex.num,
         "epochs": ex.epochs,
         "test_accuracy": {"mean": float(np.mean(final)), "std": float(np.std(final)), "all": final},
-        "machine": io.machine(),
+        "machine": artifacts.machine(),
     }
-    io.write_json(os.path.join(workdir, RESULTS), summary)
+    artifacts.write_json(os.path.join(workdir, RESULTS), summary)
     tqdm.write(
         f"{ex.num} experts, {ex.epochs} epochs: test accuracy "
         f"{100 * summary['test_accuracy']['mean']:.2f} ± {100 * summary['test_accuracy']['std']:.2f} %"

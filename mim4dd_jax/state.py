@@ -29,9 +29,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from mim4dd_jax import artifacts, mi, models, objectives, sharding
 from mim4dd_jax import data as data_lib
 from mim4dd_jax import evaluate as evaluate_lib
-from mim4dd_jax import io, mi, models, objectives, sharding
 from mim4dd_jax.choices import INITS, OPTIMIZERS
 from mim4dd_jax.errors import ConfigError, check_choice
 
@@ -137,7 +137,7 @@ class InitSet(dict):
 def read_init(path: str, dataset: data_lib.Dataset, config: Any) -> InitSet:
     """Reads and checks ``distill.init_from``; ConfigError names the file and what is wrong."""
     what = f"distill.init_from {path!r}"
-    arrays = io.read_npz(path, what, "expected a distilled.npz written by run.py")
+    arrays = artifacts.read_npz(path, what, "expected a distilled.npz written by run.py")
     if "images" not in arrays or "labels" not in arrays:
         raise ConfigError(f"{what} has no 'images' and 'labels'; expected a distilled.npz")
     images, labels = arrays["images"], arrays["labels"]

@@ -29,7 +29,7 @@ from helpers import (
 from helpers import run_cli as run
 from jax.flatten_util import ravel_pytree
 
-from mim4dd_jax import checkpoint, data, distill, evaluate, inner, io
+from mim4dd_jax import artifacts, checkpoint, data, distill, evaluate, inner
 from mim4dd_jax import config as config_lib
 from mim4dd_jax.errors import ConfigError
 
@@ -113,7 +113,7 @@ def _steps_on_disk(folder):
 def _logged_steps(workdir):
     """The steps of the training rows of metrics.jsonl (those with a loss), in file order."""
     path = workdir / "metrics.jsonl"
-    rows = io.read_metrics(str(path)) if path.is_file() else []
+    rows = artifacts.read_metrics(str(path)) if path.is_file() else []
     return [r["step"] for r in rows if "loss" in r]
 
 
@@ -160,7 +160,7 @@ def test_sigkill_of_the_process_group_then_the_same_command_gives_identical_byte
     assert _logged_steps(killed) == list(range(1, ITERATIONS + 1)) == _logged_steps(straight)
     assert _tensorboard_steps(killed) == list(range(1, ITERATIONS + 1))
     # The final evaluation once.
-    rows = io.read_metrics(str(killed / "metrics.jsonl"))
+    rows = artifacts.read_metrics(str(killed / "metrics.jsonl"))
     assert [r["step"] for r in rows if "accuracy" in r] == [ITERATIONS]
 
 
