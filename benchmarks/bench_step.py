@@ -204,12 +204,12 @@ def build_net(spec: dict):
     import jax
     import jax.numpy as jnp
 
-    from mim4dd_jax import evaluate, inner
+    from mim4dd_jax import inner, models
 
     config = _load_config(spec["dataset"], "dm,ipc10")
     config.conv_impl = spec["conv_impl"]
     config.microbatch = spec.get("microbatch", 0)
-    model = evaluate.build_model(config, 10)
+    model = models.build_model(config, 10)
     shape, batch = tuple(spec["image_shape"]), spec["net_batch"]
     x = jax.random.normal(jax.random.key(1), (batch, *shape), jnp.float32)
     y = jax.random.randint(jax.random.key(2), (batch,), 0, 10)

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from mim4dd_jax import artifacts
+from mim4dd_jax import artifacts, models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS_MD = os.path.join(ROOT, "BENCHMARKS.md")
@@ -77,9 +77,9 @@ def fake_trajectories(config, num_classes: int, shape: tuple[int, ...]) -> np.nd
     import jax.numpy as jnp
     from jax.flatten_util import ravel_pytree
 
-    from mim4dd_jax import distill, evaluate, inner
+    from mim4dd_jax import distill, inner
 
-    model = evaluate.build_model(config, num_classes)
+    model = models.build_model(config, num_classes)
     p0, _ = ravel_pytree(inner.init_variables(model, jax.random.key(1), shape)["params"])
     epochs = distill.min_expert_epochs(config) + 1
     walk = 0.01 * jax.random.normal(jax.random.key(2), (2, epochs, p0.size)) / np.sqrt(p0.size)

@@ -64,9 +64,9 @@ def _fake_experts(config, dataset, num: int = 2, epochs: int = 2):
     import jax.numpy as jnp
     from jax.flatten_util import ravel_pytree
 
-    from mim4dd_jax import evaluate, inner
+    from mim4dd_jax import inner, models
 
-    model = evaluate.build_model(config, dataset.num_classes)
+    model = models.build_model(config, dataset.num_classes)
     out = []
     for e in range(num):
         variables = inner.init_variables(model, jax.random.key(10 + e), dataset.image_shape)
@@ -118,11 +118,11 @@ def evaluation_trainer(**overrides: Any) -> dict[str, list[float]]:
     import numpy as np
     from helpers import fake_dataset
 
-    from mim4dd_jax import evaluate, inner
+    from mim4dd_jax import inner, models
 
     dataset = fake_dataset(C, PER_CLASS, HW)
     config = _config("dm,ipc2", **overrides)
-    model = evaluate.build_model(config, C)
+    model = models.build_model(config, C)
     variables = inner.train_classifier(
         jax.random.key(3),
         jax.numpy.asarray(dataset.train_images),

@@ -412,7 +412,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     """Checks every name and range that can be checked without data; raises ConfigError."""
     # late: config files import this module. None of these imports config: the choices of
     # modules that do (coreset, experts, the distillation modules) live in mim4dd_jax.choices.
-    from mim4dd_jax import augment, choices, data, evaluate, inner
+    from mim4dd_jax import augment, choices, data, inner, models
 
     check_choice("method", c.method, METHODS)
     check_ipc(c.ipc)
@@ -420,7 +420,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check_choice("data.source", c.data.source, data.SOURCES)
     check_choice("coreset.features", c.coreset.features, choices.FEATURE_SPACES)
     for name in (None, *c.eval.models):
-        evaluate.build_model(c, 10, name)
+        models.build_model(c, 10, name)
     augment.parse_strategy(c.dsa.strategy)
     check_choice("eval.parallel", c.eval.parallel, inner.PARALLEL)
     for field in ("eval.pixel_range", "distill.init_from_range"):

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mim4dd_jax import artifacts, inner
+from mim4dd_jax import artifacts, inner, models
 from mim4dd_jax import config as config_lib
 from mim4dd_jax import data as data_lib
 from mim4dd_jax import evaluate as evaluate_lib
@@ -61,7 +61,7 @@ def herding_indices(features: np.ndarray, index: data_lib.ClassIndex, ipc: int) 
     """Herding per class on [N, D] features: returns [C, ipc] example indices."""
     rows = []
     num_classes = index.indices.shape[0]
-    for c in evaluate_lib.progress_iter(range(num_classes), "herding", num_classes, unit="class"):
+    for c in artifacts.progress_iter(range(num_classes), "herding", num_classes, unit="class"):
         members = np.asarray(index.indices[c, : int(index.counts[c])])
         chosen = herding_select(jnp.asarray(features[members]), len(members), ipc)
         rows.append(members[np.asarray(chosen)])
@@ -76,7 +76,7 @@ def embed(model: Any, variables: Any, images: np.ndarray, batch_size: int = 500)
         return model.apply(variables, x, train=False, features=True).embedding
 
     out = []
-    with evaluate_lib.progress_bar("features", len(images), unit="image") as bar:
+    with artifacts.progress_bar("features", len(images), unit="image") as bar:
         for i in range(0, len(images), batch_size):
             out.append(np.asarray(f(jnp.asarray(images[i : i + batch_size]))))
             bar.update(len(out[-1]))
@@ -95,7 +95,7 @@ def herding_features(key: jax.Array, dataset: data_lib.Dataset, config: Any) -> 
     x = dataset.train_images
     if space == "pixels":
         return x.reshape(len(x), -1)
-    model = evaluate_lib.build_model(config, dataset.num_classes)
+    model = models.build_model(config, dataset.num_classes)
     if space == "random_net":
         variables = inner.init_variables(model, key, dataset.image_shape)
     else:
@@ -107,7 +107,7 @@ def herding_features(key: jax.Array, dataset: data_lib.Dataset, config: Any) -> 
         )
         train = jax.jit(functools.partial(inner.train_classifier, model=model, config=train_config))
         desc = f"features net: {train_config.epochs} epochs"
-        with evaluate_lib.progress_bar(desc, 1, unit="net") as bar:
+        with artifacts.progress_bar(desc, 1, unit="net") as bar:
             variables = train(
                 key, jnp.asarray(x), jnp.asarray(dataset.train_labels), config.eval.lr
             )

@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from mim4dd_jax import artifacts, inner
+from mim4dd_jax import artifacts, inner, models
 from mim4dd_jax import augment as augment_lib
 from mim4dd_jax import config as config_lib
 from mim4dd_jax import data as data_lib
@@ -172,7 +172,7 @@ def make_meta(config: Any, dataset: data_lib.Dataset) -> dict[str, Any]:
     accuracy), num and epochs (they may grow on resume).
     """
     ex, d = config.experts, config.data
-    model = evaluate_lib.build_model(config, dataset.num_classes)
+    model = models.build_model(config, dataset.num_classes)
     zca = bool(d.zca)
     meta = {
         "dataset": dataset.name,
@@ -490,7 +490,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     if not os.path.exists(meta_path):
         artifacts.write_json(meta_path, meta)
 
-    model = evaluate_lib.build_model(config, dataset.num_classes)
+    model = models.build_model(config, dataset.num_classes)
     hparams = EpochConfig(
         lr=float(ex.lr),
         weight_decay=float(ex.weight_decay),
@@ -621,7 +621,7 @@ def load(folder: str, *, dataset: data_lib.Dataset, config: Any, min_epochs: int
             f"no expert in {folder!r} has {min_epochs} epochs ({len(paths)} experts, the longest "
             f"has {most}); train longer: {train} --config.experts.epochs={min_epochs}"
         )
-    model = evaluate_lib.build_model(config, dataset.num_classes)
+    model = models.build_model(config, dataset.num_classes)
     unravel, _ = unravelers(model, dataset.image_shape)
     p = int(stored["num_params"])
     t = min(counts[path] for path in chosen)

@@ -31,7 +31,6 @@ from jax.sharding import Mesh
 
 from mim4dd_jax import artifacts, mi, models, objectives, sharding
 from mim4dd_jax import data as data_lib
-from mim4dd_jax import evaluate as evaluate_lib
 from mim4dd_jax.choices import INITS, OPTIMIZERS
 from mim4dd_jax.errors import ConfigError, check_choice
 
@@ -251,7 +250,7 @@ def init_state(key: jax.Array, dataset: data_lib.Dataset, config: Any) -> State:
     init_from = config.distill.init_from
     loaded = read_init(init_from, dataset, config) if init_from else None
     images, trainable = _init_images(jax.random.fold_in(key, 0), dataset, config, loaded)
-    model = evaluate_lib.build_model(config, num_classes)
+    model = models.build_model(config, num_classes)
     blocks = models.block_shapes(model, shape)
     layers = mi_layers(config, model, shape)
     heads = mi.init_heads(

@@ -23,8 +23,7 @@ from jax.sharding import Mesh
 
 from mim4dd_jax import augment as augment_lib
 from mim4dd_jax import data as data_lib
-from mim4dd_jax import evaluate as evaluate_lib
-from mim4dd_jax import objectives, sharding, steps_dc, steps_dm, steps_mtt
+from mim4dd_jax import models, objectives, sharding, steps_dc, steps_dm, steps_mtt
 from mim4dd_jax import state as state_lib
 from mim4dd_jax.errors import check_choice
 from mim4dd_jax.state import State
@@ -76,8 +75,8 @@ def step_model(config: Any, num_classes: int) -> nn.Module:
     ``conv_impl="auto"`` uses the "hybrid" conv (XLA's forward, GEMM weight gradient). DM's step
     has no loop, where XLA:CPU's conv is fast, and it measured 2.3x faster than im2col with half
     the memory (BENCHMARKS.md); loops (DC's inner training, the MTT student) keep im2col."""
-    model = evaluate_lib.build_model(config, num_classes)
-    return evaluate_lib.prefer_conv(model, config, "hybrid") if config.method == "dm" else model
+    model = models.build_model(config, num_classes)
+    return models.prefer_conv(model, config, "hybrid") if config.method == "dm" else model
 
 
 def real_chunk(config: Any) -> int:

@@ -51,9 +51,9 @@ def fake_trajectories(config, dataset, experts: int = 2, epochs: int = 3):
     import numpy as np
     from jax.flatten_util import ravel_pytree
 
-    from mim4dd_jax import evaluate, inner
+    from mim4dd_jax import inner, models
 
-    model = evaluate.build_model(config, dataset.num_classes)
+    model = models.build_model(config, dataset.num_classes)
     variables = inner.init_variables(model, jax.random.key(1), dataset.image_shape)
     p0 = np.asarray(ravel_pytree(variables["params"])[0])
     walk = np.random.default_rng(0).normal(0, 0.01, (experts, epochs + 1, p0.size))

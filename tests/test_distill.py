@@ -11,7 +11,7 @@ import optax
 import pytest
 from helpers import fake_dataset, run_cli, tiny_config
 
-from mim4dd_jax import augment, data, distill, evaluate, inner, objectives
+from mim4dd_jax import augment, data, distill, evaluate, inner, models, objectives
 from mim4dd_jax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,7 +111,7 @@ def test_evaluation_trains_convnets_with_the_hybrid_conv_on_cpu():
     vmapped = make_config("dsa", **{"eval.parallel": "vmap"})
     assert evaluate.eval_model(vmapped, C).conv_impl == "auto"
     # Distillation's own model is untouched (its loops keep im2col).
-    assert evaluate.build_model(make_config("dsa"), C).conv_impl == "auto"
+    assert models.build_model(make_config("dsa"), C).conv_impl == "auto"
 
 
 def test_dm_with_mi_weight_zero_is_the_pure_base_method(dataset, dm_runs):
@@ -139,7 +139,7 @@ def test_mi_heads_learn_and_the_estimate_is_finite(dm_runs):
 def test_dm_steps_reduce_the_loss_on_fixed_networks(dataset, dm_runs):
     (_, _, step), _, _ = dm_runs
     config = make_config("dm", **{"distill.init": "noise"})
-    model = evaluate.build_model(config, C)
+    model = models.build_model(config, C)
     real_x = jnp.asarray(dataset.train_images).reshape(C, PER_CLASS, HW, HW, 1)
     nets = [inner.init_variables(model, jax.random.key(7 + i), (HW, HW, 1)) for i in range(3)]
 
@@ -176,7 +176,7 @@ def test_dsa_with_mi_weight_zero_keeps_the_base_streams_and_mi_changes_images(da
 
 def test_inner_loop_training_lowers_the_synthetic_cross_entropy(dataset):
     config = make_config("dc")
-    model = evaluate.build_model(config, C)
+    model = models.build_model(config, C)
     state = distill.init_state(jax.random.fold_in(KEY, 0), dataset, config)
     images, labels = state["images"], state["labels"]
     variables = inner.init_variables(model, jax.random.key(3), (HW, HW, 1))

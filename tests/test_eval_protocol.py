@@ -135,7 +135,7 @@ class Linear(nn.Module):
 
 
 def test_eval_dsa_trains_the_models_with_dsa(dataset, monkeypatch):
-    monkeypatch.setattr(evaluate, "build_model", lambda config, num_classes, name=None: Linear(C))
+    monkeypatch.setattr(models, "build_model", lambda config, num_classes, name=None: Linear(C))
     plain = accuracies(dataset, eval_config(**{"eval.dsa": False}))
     with_dsa = accuracies(dataset, eval_config(**{"eval.dsa": True}))
     assert not np.array_equal(with_dsa, plain), (with_dsa, plain)
@@ -180,7 +180,7 @@ def test_eval_dsa_passes_the_per_sample_dsa_of_the_config(dataset, monkeypatch):
 def test_repeated_dsa_evaluations_compile_once(dataset, monkeypatch):
     # run() evaluates every distill.eval_every iterations: with eval.dsa each call must hit the
     # jit cache, not compile the whole training program again.
-    monkeypatch.setattr(evaluate, "build_model", lambda config, num_classes, name=None: Linear(C))
+    monkeypatch.setattr(models, "build_model", lambda config, num_classes, name=None: Linear(C))
     config = eval_config(**{"eval.dsa": True, "eval.num_models": 1, "eval.epochs": 0})
     accuracies(dataset, config)
     before = inner.train_and_test_many._cache_size()

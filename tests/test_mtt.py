@@ -13,7 +13,7 @@ import pytest
 from helpers import fake_dataset, run_cli, tiny_config
 from jax.flatten_util import ravel_pytree
 
-from mim4dd_jax import augment, data, distill, evaluate, inner, objectives
+from mim4dd_jax import augment, data, distill, inner, models, objectives
 from mim4dd_jax.errors import ConfigError
 
 C, PER_CLASS, HW, IPC, EXPERTS, EPOCHS = 3, 12, 8, 2, 2, 3
@@ -40,7 +40,7 @@ def make_config(**overrides):
 @pytest.fixture(scope="module")
 def trajectories(dataset):
     """[EXPERTS, EPOCHS + 1, P]: SGD epochs on the fake train split from two inits."""
-    model = evaluate.build_model(make_config(), C)
+    model = models.build_model(make_config(), C)
     x, y = jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels)
     out = []
     for e in range(EXPERTS):
@@ -82,7 +82,7 @@ def test_mtt_step_is_the_objective_written_out(dataset, trajectories):
     state, history, _ = run_steps(config, dataset, trajectories, 1, state=init)
 
     # By hand, with the key layout distill documents.
-    model = evaluate.build_model(config, C)
+    model = models.build_model(config, C)
     _, unravel = ravel_pytree(inner.init_variables(model, KEY, (HW, HW, 1))["params"])
     key = jax.random.fold_in(KEY, 100)
     pair_key, unroll_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
@@ -208,7 +208,7 @@ def _joint_image_gradient(config, dataset, trajectories, images0, heads, weight)
     the key layout steps_mtt documents."""
     from mim4dd_jax import mi, state, steps, steps_core
 
-    model = evaluate.build_model(config, C)
+    model = models.build_model(config, C)
     _, unravel = ravel_pytree(inner.init_variables(model, KEY, (HW, HW, 1))["params"])
     key = jax.random.fold_in(KEY, 100)
     pair_key, unroll_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)

@@ -18,7 +18,7 @@ from helpers import ROOT, cli_command, cli_env, fake_dataset, tiny_config
 from jax.flatten_util import ravel_pytree
 
 from mim4dd_jax import config as config_lib
-from mim4dd_jax import data, distill, evaluate, inner, objectives
+from mim4dd_jax import data, distill, evaluate, inner, models, objectives
 from mim4dd_jax.errors import ConfigError
 
 # ----------------------------------------------------------------------------------------------
@@ -148,7 +148,7 @@ class _TinyMTT:
     def __init__(self):
         self.dataset = fake_dataset(C, 12, HW)
         self.config = tiny_config(f"mtt,ipc{IPC}", **MTT)
-        self.model = evaluate.build_model(self.config, C)
+        self.model = models.build_model(self.config, C)
         variables = inner.init_variables(self.model, jax.random.key(1), (HW, HW, 1))
         p0, self.unravel = ravel_pytree(variables["params"])
         walk = 0.01 * jax.random.normal(jax.random.key(2), (2, 3, p0.size))

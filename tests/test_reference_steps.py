@@ -13,7 +13,7 @@ import pytest
 from helpers import fake_dataset, tiny_config
 from jax.flatten_util import ravel_pytree
 
-from mim4dd_jax import augment, data, distill, evaluate, inner, objectives
+from mim4dd_jax import augment, data, distill, inner, models, objectives
 
 C, PER_CLASS, HW, IPC = 3, 12, 8, 2
 KEY = jax.random.key(0)
@@ -187,7 +187,7 @@ def test_dc_step_equals_the_hand_written_two_outer_step_reference(dataset, metho
 @pytest.fixture(scope="module")
 def params_pair():
     """(start, target): two inits of a small ConvNet; its leaves differ in size and scale."""
-    model = evaluate.build_model(tiny_config("mtt,ipc1", **{"model.depth": 1}), C)
+    model = models.build_model(tiny_config("mtt,ipc1", **{"model.depth": 1}), C)
     start = inner.init_variables(model, jax.random.key(1), (HW, HW, 1))["params"]
     target = inner.init_variables(model, jax.random.key(2), (HW, HW, 1))["params"]
     return start, target

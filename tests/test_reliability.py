@@ -29,7 +29,7 @@ from helpers import (
 from helpers import run_cli as run
 from jax.flatten_util import ravel_pytree
 
-from mim4dd_jax import artifacts, checkpoint, data, distill, evaluate, inner
+from mim4dd_jax import artifacts, checkpoint, data, distill, inner, models
 from mim4dd_jax import config as config_lib
 from mim4dd_jax.errors import ConfigError
 
@@ -171,7 +171,7 @@ def test_sigkill_of_the_process_group_then_the_same_command_gives_identical_byte
 
 def fake_experts(config, dataset, num=2, epochs=2):
     """[num, epochs + 1, P] trajectories: random inits drifting a little per epoch."""
-    model = evaluate.build_model(config, dataset.num_classes)
+    model = models.build_model(config, dataset.num_classes)
     out = []
     for e in range(num):
         variables = inner.init_variables(model, jax.random.key(10 + e), dataset.image_shape)

@@ -17,7 +17,7 @@ import pytest
 from helpers import tiny_config
 from jax.flatten_util import ravel_pytree
 
-from mim4dd_jax import checkpoint, data, distill, evaluate, inner
+from mim4dd_jax import checkpoint, data, distill, inner, models
 
 C, PER_CLASS, HW, IPC = 3, 12, 8, 2
 ITERATIONS, EVERY = 4, 2
@@ -50,7 +50,7 @@ class Crash(Exception):
 def fake_trajectories(config, image_shape, num=2, epochs=2):
     """[num, epochs + 1, P] expert trajectories: random inits drifting a little per epoch
     (training and loading real experts is tests/test_experts.py's)."""
-    model = evaluate.build_model(config, C)
+    model = models.build_model(config, C)
     out = []
     for e in range(num):
         flat, _ = ravel_pytree(

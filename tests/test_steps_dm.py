@@ -13,10 +13,10 @@ from mim4dd_jax import config as config_lib
 from mim4dd_jax import (
     data,
     distill,
-    evaluate,
     experts,
     inner,
     mi,
+    models,
     objectives,
     state,
     steps,
@@ -40,7 +40,7 @@ def make_config(**overrides):
 @pytest.fixture(scope="module")
 def trajectories(dataset):
     """[2, 3, P]: two inits, each followed by two perturbed 'epochs' (distinct networks)."""
-    model = evaluate.build_model(make_config(), C)
+    model = models.build_model(make_config(), C)
     rows = []
     for e in range(2):
         variables = inner.init_variables(model, jax.random.key(e), (HW, HW, 1))
