@@ -77,22 +77,24 @@ def _fake_experts(config, dataset, num: int = 2, epochs: int = 2):
 
 
 def one_step(arg: str, **overrides: Any) -> dict[str, list[float]]:
-    """One ``distill.make_step`` step of ``arg`` from ``init_state``: its loss, the image update's
+    """One ``steps_lib.make_step`` step of ``arg`` from ``init_state``: its loss, the image update's
     norm and PICK entries, and (MTT) the learned lr after the step."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from helpers import fake_dataset
 
-    from mim4dd_jax import data, distill
+    from mim4dd_jax import data
+    from mim4dd_jax import state as state_lib
+    from mim4dd_jax import steps as steps_lib
 
     dataset = fake_dataset(C, PER_CLASS, HW)
     config = _config(arg, **overrides)
     key = jax.random.key(0)
-    state = distill.init_state(jax.random.fold_in(key, 0), dataset, config)
+    state = state_lib.init_state(jax.random.fold_in(key, 0), dataset, config)
     before = np.array(state["images"], copy=True)
     experts = _fake_experts(config, dataset) if config.method == "mtt" else None
-    step = distill.make_step(config, dataset)
+    step = steps_lib.make_step(config, dataset)
     real = jnp.asarray(dataset.train_images)
     index = data.class_index(dataset.train_labels, C)
     state, metrics = step(state, jax.random.fold_in(key, 1), real, index, experts)

@@ -6,11 +6,10 @@ The distillation code splits by concern; no module imports one that imports it b
 (``tests/test_imports.py``), and the valid choice names live in ``choices`` for ``config``:
 
 - ``state``: the synthetic state pytree (layout, init, init_from/growth, optimisers, shardings);
-- ``steps``: the registry of base methods and :func:`make_step`, the jitted, donated step;
+- ``steps``: the registry of base methods and ``make_step``, the jitted, donated step;
   ``steps_core``: the MIM4DD term, the guarded update and the context every method gets;
   ``steps_dm`` / ``steps_dc`` / ``steps_mtt``: one module per base method;
-- ``distill`` (here): the host loop. The names tests and scripts used from the single-module
-  version stay importable from here.
+- ``distill`` (here): the host loop.
 
 One iteration is one jitted, pure ``step(state, key, real_images, class_index, experts) ->
 (state, metrics)`` with the state donated; the real train split (and, for MTT, the expert
@@ -43,28 +42,10 @@ from mim4dd_jax import config as config_lib
 from mim4dd_jax import data as data_lib
 from mim4dd_jax import evaluate as evaluate_lib
 from mim4dd_jax import experts as experts_lib
+from mim4dd_jax import state as state_lib
+from mim4dd_jax import steps as steps_lib
 from mim4dd_jax.errors import ConfigError
-
-# The loop's own names, and (for the API of the single-module version) the state's and the
-# step's public names. Tests patch ``distill.make_step``: run() looks it up here.
-from mim4dd_jax.state import (  # noqa: F401
-    InitSet,
-    State,
-    check_plan,
-    eval_labels,
-    init_state,
-    learned_parts,
-    make_optimizer,
-    mi_layers,
-    mi_options,
-    place_state,
-    read_init,
-    state_shardings,
-    student_lr,
-)
-from mim4dd_jax.steps import make_step, matching_strategy, real_chunk, step_model  # noqa: F401
-from mim4dd_jax.steps_dc import train_on_synthetic  # noqa: F401
-from mim4dd_jax.steps_mtt import resolve_remat  # noqa: F401
+from mim4dd_jax.state import State
 
 
 def needs_experts(config: Any) -> bool:
@@ -99,13 +80,13 @@ def _save_artifacts(
 ) -> None:
     model_images = sharding.to_host(state["images"])
     pixels = dataset.to_pixels(model_images)
-    labels = eval_labels(state)
+    labels = state_lib.eval_labels(state)
     artifacts.save_synthetic_set(
         workdir,
         pixels,
         labels,
         dataset.num_classes,
-        lr=student_lr(state, config),
+        lr=state_lib.student_lr(state, config),
         config=config.to_dict(),
         iteration=np.int64(iteration),
         # Model-space copy: growing or continuing from this file is then exact (no round trip
@@ -252,7 +233,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     counting 0 = the initial set, and at the end), ``accuracy.png`` and ``results.json``.
     SIGTERM/SIGINT save a checkpoint and stop.
 
-    Devices: the step runs on ``config.mesh`` (see :func:`make_step`), evaluation spreads its
+    Devices: the step runs on ``config.mesh`` (see ``steps.make_step``), evaluation spreads its
     models over it. In a multi-process launch (``mesh.distributed``) every process runs this
     loop and saves the orbax checkpoints together; only process 0 writes the other artifacts.
     """
@@ -264,9 +245,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     # Data-dependent checks come before the workdir is created; the ZCA fit is then cached in it.
     dataset = data_lib.load_from_config(config.data, whitened=False)
     config_lib.check_ipc(config.ipc, data_lib.smallest_class(dataset))
-    check_plan(config, dataset.num_classes, mesh)
+    state_lib.check_plan(config, dataset.num_classes, mesh)
     if config.distill.init_from:
-        read_init(config.distill.init_from, dataset, config)
+        state_lib.read_init(config.distill.init_from, dataset, config)
     experts = _load_experts(config, dataset) if needs_experts(config) else None
     check_same_run(artifacts.check_workdir(workdir), config)
     workdir = artifacts.prepare_workdir(workdir)
@@ -280,7 +261,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     d = config.distill
     key = jax.random.key(config.seed)
     # Placed before the restore: orbax restores into the template's shardings.
-    state = place_state(init_state(jax.random.fold_in(key, 0), dataset, config), mesh, config)
+    state = state_lib.place_state(
+        state_lib.init_state(jax.random.fold_in(key, 0), dataset, config), mesh, config
+    )
     checkpoints = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), keep=d.keep_checkpoints
     )
@@ -289,7 +272,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     if restored is not None:
         start, state = restored
         logging.warning("resuming %s from iteration %d", workdir, start)
-    step = make_step(config, dataset)
+    step = steps_lib.make_step(config, dataset)
     writer = artifacts.MetricWriter(workdir, tensorboard=True) if main else None
     if writer is not None:
         # A killed run may have logged steps after its last checkpoint; they are redone now, so
@@ -319,10 +302,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         results = evaluate_lib.evaluate_from_config(
             eval_key,
             sharding.to_host(state["images"]),
-            eval_labels(state),
+            state_lib.eval_labels(state),
             dataset,
             config,
-            lr=student_lr(state, config),
+            lr=state_lib.student_lr(state, config),
             mesh=mesh,
         )
         summary["accuracy"] = {r.model: r.as_dict() for r in results}

@@ -92,7 +92,7 @@ def test_a_resumed_run_does_not_evaluate_a_logged_iteration_again(fake_npz, tmp_
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(distill.evaluate_lib, "evaluate_from_config", counting)
+    monkeypatch.setattr(evaluate, "evaluate_from_config", counting)
     # Continue the finished run to 4 iterations: it resumes at 2 (evaluated already, at the
     # end of the first run), so only iteration 4 is evaluated.
     distill.run(config_for(fake_npz, **{"distill.iterations": 4}), workdir)

@@ -12,7 +12,6 @@ from jax.flatten_util import ravel_pytree
 from mim4dd_jax import config as config_lib
 from mim4dd_jax import (
     data,
-    distill,
     experts,
     inner,
     mi,
@@ -22,6 +21,8 @@ from mim4dd_jax import (
     steps,
     steps_core,
 )
+from mim4dd_jax import state as state_lib
+from mim4dd_jax import steps as steps_lib
 from mim4dd_jax.errors import ConfigError
 
 C, PER_CLASS, HW, IPC = 3, 12, 8, 2
@@ -51,8 +52,8 @@ def trajectories(dataset):
 
 
 def one_step(config, dataset, trajectories, it=0):
-    init = distill.init_state(jax.random.fold_in(KEY, 0), dataset, config)
-    step = distill.make_step(config, dataset)
+    init = state_lib.init_state(jax.random.fold_in(KEY, 0), dataset, config)
+    step = steps_lib.make_step(config, dataset)
     real, index = jnp.asarray(dataset.train_images), data.class_index(dataset.train_labels, C)
     images0 = np.array(init["images"])
     state, metrics = step(init, jax.random.fold_in(KEY, it), real, index, trajectories)
@@ -93,7 +94,7 @@ def test_expert_features_are_drawn_by_the_step_key(dataset, trajectories):
         ctx.chunk,
     )
     # mi = the estimate on those features with the initial heads (what the step reports).
-    init = distill.init_state(jax.random.fold_in(KEY, 0), dataset, config)
+    init = state_lib.init_state(jax.random.fold_in(KEY, 0), dataset, config)
     _, aux = mi.mi_loss(
         init["heads"],
         list(real_blocks),
@@ -106,8 +107,8 @@ def test_expert_features_are_drawn_by_the_step_key(dataset, trajectories):
 
 
 def test_expert_features_need_experts(dataset):
-    step = distill.make_step(make_config(**{"mi.feature_nets": "experts"}), dataset)
-    init = distill.init_state(KEY, dataset, make_config(**{"mi.feature_nets": "experts"}))
+    step = steps_lib.make_step(make_config(**{"mi.feature_nets": "experts"}), dataset)
+    init = state_lib.init_state(KEY, dataset, make_config(**{"mi.feature_nets": "experts"}))
     real, index = jnp.asarray(dataset.train_images), data.class_index(dataset.train_labels, C)
     with pytest.raises(ConfigError, match="needs expert trajectories"):
         step(init, KEY, real, index, None)
