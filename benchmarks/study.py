@@ -358,7 +358,7 @@ def config_problems(cells: Sequence[Cell], compare: Sequence[str] = ()) -> list[
         if isinstance(base, str):
             problems.append(f"{where}: config {cell.config}:{cell.arg}: {base}")
             continue
-        known = sorted(config_lib.flatten_dotted(base.to_dict()))
+        known = sorted(artifacts.flatten_dotted(base.to_dict()))
         fields.update(known)
         unknown = [k for k in cell.overrides if k not in known]
         for k in unknown:

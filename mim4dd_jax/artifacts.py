@@ -20,6 +20,18 @@ import numpy as np
 from mim4dd_jax.errors import ConfigError
 
 
+def flatten_dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a.b": leaf} for every leaf of nested mappings (e.g. ``config.to_dict()``): how configs
+    and metadata are compared and fingerprinted."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(flatten_dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = "wb") -> Iterator[IO[Any]]:
     """Writes ``path`` through a temporary file in the same folder, renamed on success only."""

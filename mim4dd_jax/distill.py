@@ -36,7 +36,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mim4dd_jax import artifacts, sharding
+from mim4dd_jax import artifacts, methods, sharding
 from mim4dd_jax import checkpoint as checkpoint_lib
 from mim4dd_jax import config as config_lib
 from mim4dd_jax import data as data_lib
@@ -49,18 +49,17 @@ from mim4dd_jax.state import State
 
 
 def needs_experts(config: Any) -> bool:
-    """MTT matches expert trajectories; DM/DC read them for ``mi.feature_nets="experts"``."""
-    if config.method == "mtt":
+    """Whether the run reads expert trajectories: the method matches them (``Method.needs_experts``,
+    MTT), or the MI term draws its feature networks from them (``mi.feature_nets="experts"``)."""
+    if methods.get(config.method).needs_experts:
         return True
     return bool(config.mi.weight) and config.mi.feature_nets == "experts"
 
 
 def min_expert_epochs(config: Any) -> int:
-    """Epochs an expert needs: MTT's start epochs t < max_start_epoch and targets
-    t + expert_epochs; one trained epoch as an MI feature network."""
-    if config.method != "mtt":
-        return 1
-    return int(config.mtt.max_start_epoch) - 1 + int(config.mtt.expert_epochs)
+    """Epochs an expert needs: the method's (``Method.expert_epochs``; one trained epoch as an
+    MI feature network)."""
+    return methods.get(config.method).expert_epochs(config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,7 +140,7 @@ _ADDED_FIELDS = {
 
 def _config_fingerprint(config: Any) -> dict[str, Any]:
     """Every config field, flattened to dotted names and JSON scalars."""
-    flat = config_lib.flatten_dotted(config.to_dict())
+    flat = artifacts.flatten_dotted(config.to_dict())
     scalars = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
     return json.loads(json.dumps(scalars))
 
@@ -212,7 +211,8 @@ class _StopRequest:
 def _load_experts(config: Any, dataset: data_lib.Dataset) -> Any:
     folder = config.mtt.experts_dir
     if not folder:
-        what = "mtt" if config.method == "mtt" else "mi.feature_nets='experts'"
+        what = config.method if methods.get(config.method).needs_experts else None
+        what = what or "mi.feature_nets='experts'"
         raise ConfigError(
             f"{what} needs expert trajectories: set --config.mtt.experts_dir to the workdir of "
             "an experts run (python run.py --config=<dataset config>:experts --workdir=...)"

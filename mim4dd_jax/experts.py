@@ -63,7 +63,6 @@ from jax.flatten_util import ravel_pytree
 
 from mim4dd_jax import artifacts, inner, models
 from mim4dd_jax import augment as augment_lib
-from mim4dd_jax import config as config_lib
 from mim4dd_jax import data as data_lib
 from mim4dd_jax import evaluate as evaluate_lib
 from mim4dd_jax.errors import ConfigError
@@ -110,11 +109,21 @@ class EpochConfig(NamedTuple):
 
 
 def check_config(config: Any) -> None:
-    """Checks ``config.experts``; raises ConfigError naming the bad field.
-
-    The checks live in ``config.check_experts`` so that ``config.validate`` need not import
-    this module (which imports config)."""
-    config_lib.check_experts(config)
+    """Checks ``config.experts``; raises ConfigError naming the bad field."""
+    ex = config.experts
+    for field, minimum in (("num", 1), ("epochs", 1), ("batch_size", 1), ("group", 0)):
+        value = ex[field]
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"experts.{field} must be an integer >= {minimum}, got {value!r}")
+    if not ex.lr > 0:
+        raise ConfigError(f"experts.lr must be > 0, got {ex.lr!r}")
+    if not ex.weight_decay >= 0:
+        raise ConfigError(f"experts.weight_decay must be >= 0, got {ex.weight_decay!r}")
+    if ex.momentum != 0:
+        raise ConfigError(
+            f"experts.momentum must be 0 (the reference buffer.py uses 0), got {ex.momentum!r}: "
+            "inner.sgd_epochs restarts its momentum buffer every epoch"
+        )
 
 
 def resolve_group(group: int, num: int) -> int:
@@ -211,7 +220,7 @@ def check_meta(
     fields: Callable[[str], bool] = lambda name: True,
 ) -> None:
     """Raises ConfigError naming every dotted field (among ``fields``) whose values differ."""
-    old, new = config_lib.flatten_dotted(stored), config_lib.flatten_dotted(current)
+    old, new = artifacts.flatten_dotted(stored), artifacts.flatten_dotted(current)
     missing = "<missing>"
     diffs = [
         f"{name}: stored {old.get(name, missing)!r}, current {new.get(name, missing)!r}"
