@@ -473,14 +473,16 @@ def _validate_distill(c: ml_collections.ConfigDict) -> None:
     check_choice("mi.feature_nets", c.mi.feature_nets, MI_FEATURE_NETS)
     if not isinstance(c.mi.through_unroll, bool):
         raise ConfigError(f"mi.through_unroll must be True or False, got {c.mi.through_unroll!r}")
-    method = methods_lib.get(c.method)
-    if c.mi.through_unroll and methods_lib.THROUGH_UNROLL not in method.supports:
+    # The experts and evaluate modes carry a distill block too, for no distillation method.
+    method = methods_lib.get(c.method) if c.method in methods_lib.names() else None
+    supports = method.supports if method is not None else frozenset()
+    if c.mi.through_unroll and methods_lib.THROUGH_UNROLL not in supports:
         which = _listed(methods_lib.supporting(methods_lib.THROUGH_UNROLL))
         raise ConfigError(
             f"mi.through_unroll is for method {which} (the student's unroll), not {c.method!r}; "
             f"valid: --config.method={which} or mi.through_unroll=False"
         )
-    if c.mi.feature_nets == "experts" and methods_lib.EXPERT_FEATURES not in method.supports:
+    if c.mi.feature_nets == "experts" and methods_lib.EXPERT_FEATURES not in supports:
         raise ConfigError(
             f"mi.feature_nets='experts' is for "
             f"{_listed(methods_lib.supporting(methods_lib.EXPERT_FEATURES), ', ', ' and ')}, not "
@@ -496,14 +498,15 @@ def _validate_distill(c: ml_collections.ConfigDict) -> None:
     if not 0 <= c.mi.bank_momentum < 1:
         raise ConfigError(f"mi.bank_momentum must be in [0, 1), got {c.mi.bank_momentum!r}")
     check_choice("mtt.remat", c.mtt.remat, REMAT)
-    if c.mtt.learn_labels and methods_lib.LEARN_LABELS not in method.supports:
+    if c.mtt.learn_labels and methods_lib.LEARN_LABELS not in supports:
         which = _listed(methods_lib.supporting(methods_lib.LEARN_LABELS))
         raise ConfigError(
             f"mtt.learn_labels is for method {which}, not {c.method!r}; valid: "
             f"--config.method={which} or mtt.learn_labels=False"
         )
     mi.make_config(**state_lib.mi_options(c.mi))
-    method.check(c)
+    if method is not None:
+        method.check(c)
 
 
 def _listed(names: tuple[str, ...], sep: str = "|", last: str = "|") -> str:
