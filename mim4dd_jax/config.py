@@ -144,6 +144,8 @@ def build(
     ``LOCAL_BY_MODE[mode]`` are merged over the
     defaults with dotted keys, e.g. ``{"eval.epochs": 1000}``.
     """
+    from mim4dd_jax import sharding  # its DEFAULTS are the mesh block's, written once there
+
     method, ipc, flags = parse_arg(arg)
     check_ipc(ipc)
     c = ml_collections.ConfigDict()
@@ -165,7 +167,8 @@ def build(
             zca_reg=0.1,
         )
     )
-    c.data.update(dict(dataset))
+    for name, value in dict(dataset).items():
+        set_dotted(c, f"data.{name}", value)
 
     c.model = ml_collections.ConfigDict(
         dict(name="convnet", width=128, depth=3, norm="instance", act="relu", pool="avg")
@@ -284,9 +287,7 @@ def build(
     # batches, MTT trajectories and evaluation models are split over it. distributed: "auto"
     # calls jax.distributed.initialize() when the environment is a multi-process launch, or
     # "on" / "off". shard_synthetic: shard the synthetic set by class instead of replicating it.
-    c.mesh = ml_collections.ConfigDict(
-        dict(shape=(), axes=("data",), distributed="auto", shard_synthetic=False)
-    )
+    c.mesh = ml_collections.ConfigDict(dict(sharding.DEFAULTS))
     # The MIM4DD term: total = base + lambda * mi_loss. 0 (the default) is the pure base method.
     # weight_mode "absolute": lambda = weight; "relative": lambda = weight * |g_base| / |g_mi|
     # per step on the image gradients, so weight 0.1 means "the MI term pushes the images a tenth
@@ -342,15 +343,35 @@ def build(
     ):
         for dotted, value in (overrides or {}).items():
             set_dotted(c, dotted, value)
+    # Locked: assigning or updating a field that does not exist raises, in code as on the
+    # command line.
+    c.lock()
     return c
 
 
 def set_dotted(c: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
-    """Sets ``c.a.b = value`` for ``dotted == "a.b"``."""
+    """Sets ``c.a.b = value`` for ``dotted == "a.b"``; an unknown field is a ConfigError naming
+    it and the nearest valid one (a misspelt key in a config file's HPARAMS must not silently
+    leave the default in place)."""
     *parents, leaf = dotted.split(".")
+    node = c
     for p in parents:
-        c = c[p]
-    c[leaf] = value
+        node = node.get(p) if isinstance(node, ml_collections.ConfigDict) else None
+        if node is None:
+            break
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        raise ConfigError(f"unknown config field {dotted!r}{nearest_field(c, dotted)}")
+    node[leaf] = value
+
+
+def nearest_field(c: ml_collections.ConfigDict, dotted: str) -> str:
+    """ "; did you mean 'a.b'?" for the closest field of ``c`` to ``dotted``, or ""."""
+    import difflib
+
+    from mim4dd_jax import artifacts
+
+    close = difflib.get_close_matches(dotted, list(artifacts.flatten_dotted(c.to_dict())), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def check_ipc(ipc: int, smallest_class: int | None = None) -> None:
