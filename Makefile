@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 export TF_CPP_MIN_LOG_LEVEL := 3
 
-.PHONY: setup data distill test lint format bench device-carry clean
+.PHONY: setup data distill test test-fast lint format bench device-carry clean
 
 setup: $(VENV)/.installed
 
@@ -48,6 +48,11 @@ TEST_WORKERS ?= 2
 
 test: setup data lint
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n $(TEST_WORKERS)
+
+# The inner loop while editing: the suite without the tests marked slow (end-to-end runs,
+# long trainings); `make test` stays the full gate.
+test-fast: setup data
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 bench: setup data
 	$(PY) benchmarks/bench_coreset.py

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.common import append_lines, append_section  # noqa: E402
 from mim4dd_jax import config as config_lib  # noqa: E402
-from mim4dd_jax import coreset, data, evaluate, inner  # noqa: E402
+from mim4dd_jax import coreset, data, evaluate, inner, models  # noqa: E402
 
 PUBLISHED = {"random": {1: 51.4, 10: 73.8, 50: 82.5}, "herding": {1: 67.0, 10: 71.1, 50: 71.9}}
 
@@ -43,7 +43,7 @@ def main() -> None:
     config.coreset.feature_epochs = args.feature_epochs
     ds = data.load_from_config(config.data)
     index = data.class_index(ds.train_labels, ds.num_classes)
-    model = evaluate.build_model(config, ds.num_classes)
+    model = models.build_model(config, ds.num_classes)
     train_config = inner.TrainConfig(epochs=args.epochs)
 
     header = (

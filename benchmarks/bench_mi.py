@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import run_child  # noqa: E402
-from mim4dd_jax import io  # noqa: E402
+from mim4dd_jax import artifacts  # noqa: E402
 
 HEADING = "## MI loss scaling (issue 3)"
 
@@ -130,7 +130,7 @@ def main() -> None:
             "",
             f"- date: {datetime.date.today().isoformat()}",
             f"- command: `{command.strip()}`",
-            f"- CPU: {io.cpu_model() or 'unknown'}, {os.cpu_count()} cores visible (shared with other jobs)",
+            f"- CPU: {artifacts.cpu_model() or 'unknown'}, {os.cpu_count()} cores visible (shared with other jobs)",
             f"- measured: jit(value_and_grad) of `mi.embedding_mi` (InfoNCE, cosine, 10 classes), "
             f"{args.dim}-d embeddings, gradient w.r.t. both embedding sets; median of "
             f"{args.reps} calls after compile and one warm-up call",

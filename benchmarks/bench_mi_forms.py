@@ -45,7 +45,9 @@ def main() -> None:
     from benchmarks import common
     from benchmarks.bench_step import _load_config
     from mim4dd_jax import config as config_lib
-    from mim4dd_jax import data, distill
+    from mim4dd_jax import data
+    from mim4dd_jax import state as state_lib
+    from mim4dd_jax import steps as steps_lib
 
     shape, classes = (28, 28, 1), 10
     dataset = common.random_dataset("fashion_mnist", classes, args.train_per_class, shape)
@@ -58,8 +60,8 @@ def main() -> None:
         for dotted, value in {"mi.weight_mode": "relative", **overrides}.items():
             config_lib.set_dotted(config, dotted, value)
         experts = jax.numpy.asarray(common.fake_trajectories(config, classes, shape))
-        state = distill.init_state(jax.random.key(0), dataset, config)
-        step = distill.make_step(config, dataset)
+        state = state_lib.init_state(jax.random.key(0), dataset, config)
+        step = steps_lib.make_step(config, dataset)
         t0 = time.perf_counter()
         compiled = step.lower(state, key, real, index, experts).compile()
         compile_s = time.perf_counter() - t0

@@ -6,7 +6,7 @@
 Each row is a fresh process with ``XLA_FLAGS=--xla_force_host_platform_device_count=D`` set
 before jax is imported, so the D "devices" share this machine's cores: the table shows that the
 sharded step runs, gives the same loss, and what splitting it costs; it cannot show a speed-up.
-The child builds the real step (``distill.make_step``, ``configs``' defaults via
+The child builds the real step (``steps_lib.make_step``, ``configs``' defaults via
 ``config.build``) on random CIFAR-shaped data: ConvNet-3 (width 128), 32x32x3, ``--classes``
 classes. DM: IPC 10, 64 real images per class, siamese DSA. MTT: IPC 1 (``--classes`` images),
 4 (expert, start) pairs (one per device at D = 4), 5 student steps on all images, DSA; fake
@@ -59,7 +59,9 @@ def child(spec: dict) -> dict:
 
     from benchmarks import common
     from mim4dd_jax import config as config_lib
-    from mim4dd_jax import data, distill, sharding
+    from mim4dd_jax import data, sharding
+    from mim4dd_jax import state as state_lib
+    from mim4dd_jax import steps as steps_lib
 
     method, c = spec["method"], spec["classes"]
     shape = (32, 32, 3)
@@ -81,15 +83,15 @@ def child(spec: dict) -> dict:
     images, labels = dataset.train_images, dataset.train_labels
     mesh = sharding.mesh_from_config(config)
     everywhere = sharding.replicated(mesh)
-    state = distill.place_state(
-        distill.init_state(jax.random.key(0), dataset, config), mesh, config
+    state = state_lib.place_state(
+        state_lib.init_state(jax.random.key(0), dataset, config), mesh, config
     )
     real = sharding.put(images, everywhere)
     index = data.class_index(labels, c)
     experts = None
     if method == "mtt":
         experts = sharding.put(common.fake_trajectories(config, c, shape), everywhere)
-    step = distill.make_step(config, dataset)
+    step = steps_lib.make_step(config, dataset)
     t0 = time.perf_counter()
     compiled = step.lower(state, jax.random.key(1), real, index, experts).compile()
     compile_s = time.perf_counter() - t0

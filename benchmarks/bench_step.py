@@ -1,4 +1,4 @@
-"""Time, memory and FLOP efficiency of the real distillation steps (``distill.make_step``).
+"""Time, memory and FLOP efficiency of the real distillation steps (``steps_lib.make_step``).
 
     .venv/bin/python benchmarks/bench_step.py                 # default subset (12 rows): ~25 min
                                                               # on 2 idle cores; MTT rows 1-6 min
@@ -7,7 +7,7 @@
     .venv/bin/python benchmarks/bench_step.py --grid             # the whole grid (hours on 2 cores)
 
 Every row is one configuration in a fresh subprocess, so its peak RSS (``ru_maxrss``) is its own.
-The child builds the state with ``distill.init_state`` and the step with ``distill.make_step`` from
+The child builds the state with ``state_lib.init_state`` and the step with ``steps_lib.make_step`` from
 the dataset's real config file (``configs/fashion_mnist.py`` / ``configs/cifar10.py``, so DM uses
 batch_real 256 with siamese DSA, DC/DSA the reference loops unless ``--dc_loops``, MTT the config's
 DSA student) on random data of the right shape (``--train_per_class`` images per class); MTT gets a
@@ -163,7 +163,8 @@ def build(spec: dict):
 
     from benchmarks import common
     from mim4dd_jax import config as config_lib
-    from mim4dd_jax import data, distill
+    from mim4dd_jax import data
+    from mim4dd_jax import state as state_lib
 
     method, ipc = spec["method"], spec["ipc"]
     config = _load_config(spec["dataset"], f"{method},ipc{ipc}")
@@ -190,7 +191,7 @@ def build(spec: dict):
     c, shape, per_class = 10, tuple(spec["image_shape"]), spec["train_per_class"]
     dataset = common.random_dataset(spec["dataset"], c, per_class, shape)
     images, labels = dataset.train_images, dataset.train_labels
-    state = distill.init_state(jax.random.key(0), dataset, config)
+    state = state_lib.init_state(jax.random.key(0), dataset, config)
     experts = None
     if method == "mtt":
         experts = jnp.asarray(common.fake_trajectories(config, c, shape))
@@ -204,12 +205,12 @@ def build_net(spec: dict):
     import jax
     import jax.numpy as jnp
 
-    from mim4dd_jax import evaluate, inner
+    from mim4dd_jax import inner, models
 
     config = _load_config(spec["dataset"], "dm,ipc10")
     config.conv_impl = spec["conv_impl"]
     config.microbatch = spec.get("microbatch", 0)
-    model = evaluate.build_model(config, 10)
+    model = models.build_model(config, 10)
     shape, batch = tuple(spec["image_shape"]), spec["net_batch"]
     x = jax.random.normal(jax.random.key(1), (batch, *shape), jnp.float32)
     y = jax.random.randint(jax.random.key(2), (batch,), 0, 10)
@@ -248,7 +249,8 @@ def measure(spec: dict) -> dict:
 
     import jax
 
-    from mim4dd_jax import distill, objectives
+    from mim4dd_jax import objectives, steps_mtt
+    from mim4dd_jax import steps as steps_lib
 
     peak = sgemm_peak()
     if spec["method"] == "net":
@@ -268,8 +270,8 @@ def measure(spec: dict) -> dict:
             spec["outer"], spec["inner"] = objectives.dc_loops(config.ipc)
     if config.method == "mtt":
         spec["batch_syn"] = int(config.mtt.batch_syn) or 10 * config.ipc
-        spec["remat_on"] = distill.resolve_remat(config.mtt.remat)
-    step = distill.make_step(config, dataset)
+        spec["remat_on"] = steps_mtt.resolve_remat(config.mtt.remat)
+    step = steps_lib.make_step(config, dataset)
     key = jax.random.key(3)
     jax.block_until_ready((state, real, index, experts))
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -514,7 +516,7 @@ def main() -> None:
         lines.append(row_text(spec, res))
         print(lines[-1], flush=True)
     body = (
-        "Real `distill.make_step` steps on random data of the dataset's shape, each row a fresh "
+        "Real `steps_lib.make_step` steps on random data of the dataset's shape, each row a fresh "
         f"subprocess; median of {args.iters} calls after compile + 1 warm-up. GFLOP/step is the "
         "analytic conv+dense count (see the docstring of benchmarks/bench_step.py; remat "
         "recomputation not counted); '% peak' = GFLOP/s over the float32 2048^3 sgemm rate "

@@ -10,17 +10,17 @@ import sys
 
 import numpy as np
 
-from mim4dd_jax import io
+from mim4dd_jax import artifacts, models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS_MD = os.path.join(ROOT, "BENCHMARKS.md")
 
 
 def machine() -> str:
-    """The machine line of a BENCHMARKS.md header, formatted from ``io.machine()`` (what
+    """The machine line of a BENCHMARKS.md header, formatted from ``artifacts.machine()`` (what
     results.json records), so both name a machine the same way: the devices and backend off
     CPU, else the CPU model and core count."""
-    m = io.machine()
+    m = artifacts.machine()
     if m["backend"] != "cpu":
         return f"{m['devices']} ({m['backend']})"
     return f"{m['cpu']}, {m['cores']} cores"
@@ -77,9 +77,9 @@ def fake_trajectories(config, num_classes: int, shape: tuple[int, ...]) -> np.nd
     import jax.numpy as jnp
     from jax.flatten_util import ravel_pytree
 
-    from mim4dd_jax import distill, evaluate, inner
+    from mim4dd_jax import distill, inner
 
-    model = evaluate.build_model(config, num_classes)
+    model = models.build_model(config, num_classes)
     p0, _ = ravel_pytree(inner.init_variables(model, jax.random.key(1), shape)["params"])
     epochs = distill.min_expert_epochs(config) + 1
     walk = 0.01 * jax.random.normal(jax.random.key(2), (2, epochs, p0.size)) / np.sqrt(p0.size)

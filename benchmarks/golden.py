@@ -64,9 +64,9 @@ def _fake_experts(config, dataset, num: int = 2, epochs: int = 2):
     import jax.numpy as jnp
     from jax.flatten_util import ravel_pytree
 
-    from mim4dd_jax import evaluate, inner
+    from mim4dd_jax import inner, models
 
-    model = evaluate.build_model(config, dataset.num_classes)
+    model = models.build_model(config, dataset.num_classes)
     out = []
     for e in range(num):
         variables = inner.init_variables(model, jax.random.key(10 + e), dataset.image_shape)
@@ -77,22 +77,24 @@ def _fake_experts(config, dataset, num: int = 2, epochs: int = 2):
 
 
 def one_step(arg: str, **overrides: Any) -> dict[str, list[float]]:
-    """One ``distill.make_step`` step of ``arg`` from ``init_state``: its loss, the image update's
+    """One ``steps_lib.make_step`` step of ``arg`` from ``init_state``: its loss, the image update's
     norm and PICK entries, and (MTT) the learned lr after the step."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from helpers import fake_dataset
 
-    from mim4dd_jax import data, distill
+    from mim4dd_jax import data
+    from mim4dd_jax import state as state_lib
+    from mim4dd_jax import steps as steps_lib
 
     dataset = fake_dataset(C, PER_CLASS, HW)
     config = _config(arg, **overrides)
     key = jax.random.key(0)
-    state = distill.init_state(jax.random.fold_in(key, 0), dataset, config)
+    state = state_lib.init_state(jax.random.fold_in(key, 0), dataset, config)
     before = np.array(state["images"], copy=True)
     experts = _fake_experts(config, dataset) if config.method == "mtt" else None
-    step = distill.make_step(config, dataset)
+    step = steps_lib.make_step(config, dataset)
     real = jnp.asarray(dataset.train_images)
     index = data.class_index(dataset.train_labels, C)
     state, metrics = step(state, jax.random.fold_in(key, 1), real, index, experts)
@@ -118,11 +120,11 @@ def evaluation_trainer(**overrides: Any) -> dict[str, list[float]]:
     import numpy as np
     from helpers import fake_dataset
 
-    from mim4dd_jax import evaluate, inner
+    from mim4dd_jax import inner, models
 
     dataset = fake_dataset(C, PER_CLASS, HW)
     config = _config("dm,ipc2", **overrides)
-    model = evaluate.build_model(config, C)
+    model = models.build_model(config, C)
     variables = inner.train_classifier(
         jax.random.key(3),
         jax.numpy.asarray(dataset.train_images),
@@ -202,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import jax
 
-    from mim4dd_jax import io
+    from mim4dd_jax import artifacts
 
     noise = measure_noise()
     print("noise: " + json.dumps(noise, indent=1))
@@ -212,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             "about": "benchmarks/golden.py: one step of DC, DSA, DM, MTT and the evaluation "
             "trainer on a tiny fixed input; rtol = 100 x the noise measured between XLA variants "
             "on one machine, at least 1e-4",
-            "recorded_with": {"jax": jax.__version__, "cpu": io.cpu_model()},
+            "recorded_with": {"jax": jax.__version__, "cpu": artifacts.cpu_model()},
             "values": values,
             "noise": noise,
             "rtol": {
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             },
         }
         os.makedirs(os.path.dirname(FIXTURE), exist_ok=True)
-        io.write_json(FIXTURE, record, indent=1, sort_keys=True)
+        artifacts.write_json(FIXTURE, record, indent=1, sort_keys=True)
         print(f"wrote {FIXTURE}")
     return 0
 

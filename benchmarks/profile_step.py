@@ -80,7 +80,7 @@ def main() -> None:
     import jax
 
     from benchmarks import bench_step
-    from mim4dd_jax import distill
+    from mim4dd_jax import steps as steps_lib
 
     dataset_name, image_shape = bench_step.SHAPES[args.shape]
     spec = {
@@ -97,7 +97,7 @@ def main() -> None:
         "dc_loops": [1, 1],
     }
     config, dataset, state, real, index, experts = bench_step.build(spec)
-    step = distill.make_step(config, dataset)
+    step = steps_lib.make_step(config, dataset)
     key = jax.random.key(3)
     compiled = step.lower(state, key, real, index, experts).compile()
     defs, comps = _hlo_ops(compiled.as_text())

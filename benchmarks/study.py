@@ -77,7 +77,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python benchmarks/study.py` puts benchmarks/, not the root, first
     sys.path.insert(0, ROOT)
 
-from mim4dd_jax import io  # noqa: E402  (after the sys.path fix)
+from mim4dd_jax import artifacts  # noqa: E402  (after the sys.path fix)
 
 RESULT_VERSION = 1
 
@@ -358,7 +358,7 @@ def config_problems(cells: Sequence[Cell], compare: Sequence[str] = ()) -> list[
         if isinstance(base, str):
             problems.append(f"{where}: config {cell.config}:{cell.arg}: {base}")
             continue
-        known = sorted(config_lib.flatten_dotted(base.to_dict()))
+        known = sorted(artifacts.flatten_dotted(base.to_dict()))
         fields.update(known)
         unknown = [k for k in cell.overrides if k not in known]
         for k in unknown:
@@ -497,7 +497,7 @@ def run_seed(study: Study, cell: Cell, seed: int, *, quiet: bool = False) -> int
     _close_sitting(workdir, record)
     record["sittings"] += 1
     record["open"] = time.time()
-    io.write_json(os.path.join(workdir, "study_runner.json"), record)
+    artifacts.write_json(os.path.join(workdir, "study_runner.json"), record)
     with open(log_path, "a") as log:
         child = subprocess.Popen(
             [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv],
@@ -515,7 +515,7 @@ def run_seed(study: Study, cell: Cell, seed: int, *, quiet: bool = False) -> int
         finally:
             record = _runner_record(workdir)
             _close_sitting(workdir, record, end=time.time())
-            io.write_json(os.path.join(workdir, "study_runner.json"), record)
+            artifacts.write_json(os.path.join(workdir, "study_runner.json"), record)
     return code
 
 
@@ -527,8 +527,8 @@ def collect(study: Study, cell: Cell, seed: int) -> dict[str, Any]:
     workdir = workdir_of(study, cell, seed)
     with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)
-    history = io.accuracy_history(workdir)
-    rows = io.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    history = artifacts.accuracy_history(workdir)
+    rows = artifacts.read_metrics(os.path.join(workdir, "metrics.jsonl"))
     timed = [r["s_per_iter"] for r in rows if "s_per_iter" in r]
     rss = [r["peak_rss_bytes"] for r in rows if r.get("peak_rss_bytes")]
     config_path = os.path.join(workdir, "config.json")
@@ -551,7 +551,7 @@ def collect(study: Study, cell: Cell, seed: int) -> dict[str, Any]:
             model: [{"iteration": it, **points[it]} for it in sorted(points)]
             for model, points in history.items()
         },
-        **io.final_and_best(history),
+        **artifacts.final_and_best(history),
         "num_models": _num_models(history),
         # The first log window includes compilation: the median ignores it.
         "s_per_iter": float(_median(timed[1:] or timed)) if timed else None,
@@ -563,7 +563,7 @@ def collect(study: Study, cell: Cell, seed: int) -> dict[str, Any]:
         "config": config,
     }
     os.makedirs(os.path.dirname(result_path(study, cell, seed)), exist_ok=True)
-    io.write_json(result_path(study, cell, seed), record, indent=1, sort_keys=True)
+    artifacts.write_json(result_path(study, cell, seed), record, indent=1, sort_keys=True)
     return record
 
 
@@ -612,8 +612,8 @@ def add_traces(study: Study, cells: Sequence[Cell]) -> int:
                 record = json.load(f)
             if record.get("trace"):
                 continue
-            record["trace"] = trace(io.read_metrics(metrics))
-            io.write_json(path, record, indent=1, sort_keys=True)
+            record["trace"] = trace(artifacts.read_metrics(metrics))
+            artifacts.write_json(path, record, indent=1, sort_keys=True)
             updated += 1
     return updated
 
@@ -899,7 +899,7 @@ def plot(study: Study, results: Mapping[tuple[str, int], Mapping[str, Any]], pat
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=7)
-    with io.atomic_write(path) as f:
+    with artifacts.atomic_write(path) as f:
         fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -986,7 +986,7 @@ def plot_diagnostics(
             fontsize=7,
             bbox_to_anchor=(0.5, 0.0),
         )
-        with io.atomic_write(path) as f:
+        with artifacts.atomic_write(path) as f:
             fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return drawn > 0
@@ -1000,11 +1000,11 @@ def report(study: Study) -> str:
     diffs = paired_differences(study, results)
     os.makedirs(study.runs_dir, exist_ok=True)
     text = markdown(study, table, diffs)
-    with io.atomic_write(os.path.join(study.runs_dir, "table.md"), "w") as f:
+    with artifacts.atomic_write(os.path.join(study.runs_dir, "table.md"), "w") as f:
         f.write(text)
-    with io.atomic_write(os.path.join(study.runs_dir, "table.csv"), "w") as f:
+    with artifacts.atomic_write(os.path.join(study.runs_dir, "table.csv"), "w") as f:
         table.to_csv(f, index=False)
-    with io.atomic_write(os.path.join(study.runs_dir, "paired.csv"), "w") as f:
+    with artifacts.atomic_write(os.path.join(study.runs_dir, "paired.csv"), "w") as f:
         diffs.to_csv(f, index=False)
     plot(study, results, os.path.join(study.runs_dir, "accuracy.png"))
     diag = diagnostics_frame(study, results)
@@ -1018,7 +1018,7 @@ def report(study: Study) -> str:
                 f"| {r['cell']} | {r['seeds']} | {r['grad_ratio']:.3g} | {r['grad_cos']:+.3f} | "
                 f"{r['mi_lambda']:.3g} | {r['mi_first']:.3f} | {r['mi_last']:.3f} |\n"
             )
-        with io.atomic_write(os.path.join(study.runs_dir, "table.md"), "w") as f:
+        with artifacts.atomic_write(os.path.join(study.runs_dir, "table.md"), "w") as f:
             f.write(text)
     return text
 

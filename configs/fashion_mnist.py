@@ -31,7 +31,7 @@ from mim4dd_jax import config as cfg
 
 DATASET = {"name": "fashion_mnist"}
 
-# Per-(method, ipc) hyperparameters, as data, over config.METHOD_DEFAULTS (which hold the
+# Per-(method, ipc) hyperparameters, as data, over config.method_defaults() (which hold the
 # published DM/DC/DSA choices; DC/DSA outer/inner loops come from objectives.dc_loops). MTT has no
 # published Fashion-MNIST setting: config.mtt_fallback_hparams (CIFAR-10 rows, unwhitened),
 # not tuned here.

@@ -24,7 +24,7 @@ from mim4dd_jax import config as cfg
 DATASET = {"name": "mnist"}
 
 # DC's evaluation on MNIST (see the docstring): augmented, so 1000 epochs as in the reference.
-# DC's distillation itself stays unaugmented (distill.dsa False, config.METHOD_DEFAULTS).
+# DC's distillation itself stays unaugmented (distill.dsa False, config.method_defaults()).
 DC_EVAL = {"eval.dsa": True, "eval.epochs": 1000, "dsa.strategy": "crop_scale_rotate"}
 
 # No published MTT setting for MNIST: the Fashion-MNIST rows (CIFAR-10's, unwhitened).

@@ -130,14 +130,14 @@ def main(argv: Sequence[str]) -> None:
         fail("--config is required, e.g. --config=configs/fashion_mnist.py:random,ipc10")
     config = _CONFIG.value
     try:
+        from mim4dd_jax import artifacts, sharding
         from mim4dd_jax import config as config_lib
-        from mim4dd_jax import io, sharding
 
         mode = _MODE.value or config.mode
         check_choice("mode", mode, MODES)
         # Everything checkable is checked before the workdir is touched; modes create it only
         # once their data-dependent checks have passed.
-        workdir = io.check_workdir(_WORKDIR.value)
+        workdir = artifacts.check_workdir(_WORKDIR.value)
         # A multi-process launch must join jax.distributed before anything touches a device
         # (validate counts the devices for config.mesh).
         sharding.initialize_distributed(sharding.options(config)["distributed"])

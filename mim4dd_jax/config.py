@@ -13,19 +13,13 @@ from typing import Any
 
 import ml_collections
 
+from mim4dd_jax import methods as methods_lib
 from mim4dd_jax.errors import ConfigError, check_choice
 
-# Method -> the run mode that executes it.
-METHODS = {
-    "random": "coreset",
-    "herding": "coreset",
-    "dm": "distill",
-    "dc": "distill",
-    "dsa": "distill",
-    "mtt": "distill",
-    "experts": "experts",
-    "evaluate": "evaluate",
-}
+# The methods that are not distillation methods, with the run mode that executes each; every
+# registered distillation method (``methods``) runs in mode "distill".
+OTHER_METHODS = {"random": "coreset", "herding": "coreset"}
+OTHER_MODES = {"experts": "experts", "evaluate": "evaluate"}
 ARG_FLAGS = ("local",)
 DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 # config.precision: jax.default_matmul_precision for float32 matmuls and convolutions, applied
@@ -36,52 +30,25 @@ DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 # four compute in float32: a ConvNet gradient measured bitwise equal and as fast under each.
 PRECISIONS = ("float32", "tensorfloat32", "bfloat16", "default")
 
-# Each distillation method's published, dataset-independent choices (DM: Zhao & Bilen 2023;
-# DC: Zhao et al. 2021; DSA: Zhao & Bilen 2021): image optimiser, iterations, real batch per
-# class, whether matching uses siamese DSA, and the evaluation protocol (DSA-trained models for
-# 1000 epochs for DM and DSA, 300 epochs without augmentation for DC). Config files override
-# per (method, ipc) through their HPARAMS.
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "dm": {
-        "distill.iterations": 20000,
-        "distill.lr": 1.0,
-        "distill.momentum": 0.5,
-        "distill.dsa": True,
-        "distill.eval_every": 2000,
-        "eval.dsa": True,
-        "eval.epochs": 1000,
-    },
-    "dc": {
-        # The reference's DC starts from Gaussian noise (its --init default, kept by its table
-        # command); DSA and DM start from real images.
-        "distill.init": "noise",
-        "distill.iterations": 1000,
-        "distill.lr": 0.1,
-        "distill.momentum": 0.5,
-        "distill.dsa": False,
-        "distill.eval_every": 500,
-    },
-    "dsa": {
-        "distill.iterations": 1000,
-        "distill.lr": 0.1,
-        "distill.momentum": 0.5,
-        "distill.dsa": True,
-        "distill.eval_every": 500,
-        "eval.dsa": True,
-        "eval.epochs": 1000,
-    },
-    # MTT (Cazenavette et al. 2022): SGD momentum 0.5 on the pixels; the student and the
-    # evaluation models train with DSA; evaluation uses the learned lr, 1000 epochs.
-    "mtt": {
-        "distill.iterations": 5000,
-        "distill.lr": 1000.0,
-        "distill.momentum": 0.5,
-        "distill.dsa": True,
-        "distill.eval_every": 1000,
-        "eval.dsa": True,
-        "eval.epochs": 1000,
-    },
-}
+
+def methods() -> dict[str, str]:
+    """Every method name -> the run mode that executes it: the coreset baselines, the registered
+    distillation methods (``methods.names()``; the built-ins are registered by ``steps``), the
+    experts and evaluate modes."""
+    from mim4dd_jax import steps  # noqa: F401  (registers the built-in methods)
+
+    distill = {name: "distill" for name in methods_lib.names()}
+    return {**OTHER_METHODS, **distill, **OTHER_MODES}
+
+
+def method_defaults(method: str) -> dict[str, Any]:
+    """A distillation method's published, dataset-independent choices (``Method.defaults``:
+    image optimiser, iterations, whether matching uses DSA, the evaluation protocol) as dotted
+    overrides; {} for the other methods. Config files override them per (method, ipc)."""
+    if methods().get(method) != "distill":
+        return {}
+    return dict(methods_lib.get(method).defaults)
+
 
 # ",local": a small variant of each mode, applied after the config file's own LOCAL (which holds
 # the coreset fields). Distillation: 20 iterations with 64 real images per class and one model
@@ -157,10 +124,10 @@ def parse_arg(arg: str) -> tuple[str, int, set[str]]:
         else:
             raise ConfigError(
                 f"config argument token {token!r} not understood; expected a method "
-                f"({', '.join(METHODS)}), ipc<k> and optional flags ({', '.join(ARG_FLAGS)})"
+                f"({', '.join(methods())}), ipc<k> and optional flags ({', '.join(ARG_FLAGS)})"
             )
     method = method or "random"
-    check_choice("method", method, METHODS)
+    check_choice("method", method, methods())
     return method, (10 if ipc is None else ipc), flags
 
 
@@ -177,11 +144,13 @@ def build(
     ``LOCAL_BY_MODE[mode]`` are merged over the
     defaults with dotted keys, e.g. ``{"eval.epochs": 1000}``.
     """
+    from mim4dd_jax import sharding  # its DEFAULTS are the mesh block's, written once there
+
     method, ipc, flags = parse_arg(arg)
     check_ipc(ipc)
     c = ml_collections.ConfigDict()
     c.method = method
-    c.mode = METHODS[method]
+    c.mode = methods()[method]
     c.ipc = ipc
     c.seed = 0
     c.precision = "float32"
@@ -198,7 +167,8 @@ def build(
             zca_reg=0.1,
         )
     )
-    c.data.update(dict(dataset))
+    for name, value in dict(dataset).items():
+        set_dotted(c, f"data.{name}", value)
 
     c.model = ml_collections.ConfigDict(
         dict(name="convnet", width=128, depth=3, norm="instance", act="relu", pool="avg")
@@ -317,9 +287,7 @@ def build(
     # batches, MTT trajectories and evaluation models are split over it. distributed: "auto"
     # calls jax.distributed.initialize() when the environment is a multi-process launch, or
     # "on" / "off". shard_synthetic: shard the synthetic set by class instead of replicating it.
-    c.mesh = ml_collections.ConfigDict(
-        dict(shape=(), axes=("data",), distributed="auto", shard_synthetic=False)
-    )
+    c.mesh = ml_collections.ConfigDict(dict(sharding.DEFAULTS))
     # The MIM4DD term: total = base + lambda * mi_loss. 0 (the default) is the pure base method.
     # weight_mode "absolute": lambda = weight; "relative": lambda = weight * |g_base| / |g_mi|
     # per step on the image gradients, so weight 0.1 means "the MI term pushes the images a tenth
@@ -368,33 +336,42 @@ def build(
     )
 
     for overrides in (
-        METHOD_DEFAULTS.get(method, {}),
+        method_defaults(method),
         (hparams or {}).get((method, ipc), {}),
         (local if "local" in flags else {}),
         (LOCAL_BY_MODE.get(c.mode, {}) if "local" in flags else {}),
     ):
         for dotted, value in (overrides or {}).items():
             set_dotted(c, dotted, value)
+    # Locked: assigning or updating a field that does not exist raises, in code as on the
+    # command line.
+    c.lock()
     return c
 
 
-def flatten_dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a.b": leaf} for every leaf of nested mappings (e.g. ``config.to_dict()``)."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(flatten_dotted(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def set_dotted(c: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
-    """Sets ``c.a.b = value`` for ``dotted == "a.b"``."""
+    """Sets ``c.a.b = value`` for ``dotted == "a.b"``; an unknown field is a ConfigError naming
+    it and the nearest valid one (a misspelt key in a config file's HPARAMS must not silently
+    leave the default in place)."""
     *parents, leaf = dotted.split(".")
+    node = c
     for p in parents:
-        c = c[p]
-    c[leaf] = value
+        node = node.get(p) if isinstance(node, ml_collections.ConfigDict) else None
+        if node is None:
+            break
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        raise ConfigError(f"unknown config field {dotted!r}{nearest_field(c, dotted)}")
+    node[leaf] = value
+
+
+def nearest_field(c: ml_collections.ConfigDict, dotted: str) -> str:
+    """ "; did you mean 'a.b'?" for the closest field of ``c`` to ``dotted``, or ""."""
+    import difflib
+
+    from mim4dd_jax import artifacts
+
+    close = difflib.get_close_matches(dotted, list(artifacts.flatten_dotted(c.to_dict())), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def check_ipc(ipc: int, smallest_class: int | None = None) -> None:
@@ -412,15 +389,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
     """Checks every name and range that can be checked without data; raises ConfigError."""
     # late: config files import this module. None of these imports config: the choices of
     # modules that do (coreset, experts, the distillation modules) live in mim4dd_jax.choices.
-    from mim4dd_jax import augment, choices, data, evaluate, inner
+    from mim4dd_jax import augment, choices, data, experts, inner, models
 
-    check_choice("method", c.method, METHODS)
+    check_choice("method", c.method, methods())
     check_ipc(c.ipc)
     check_choice("precision", c.precision, PRECISIONS)
     check_choice("data.source", c.data.source, data.SOURCES)
     check_choice("coreset.features", c.coreset.features, choices.FEATURE_SPACES)
     for name in (None, *c.eval.models):
-        evaluate.build_model(c, 10, name)
+        models.build_model(c, 10, name)
     augment.parse_strategy(c.dsa.strategy)
     check_choice("eval.parallel", c.eval.parallel, inner.PARALLEL)
     for field in ("eval.pixel_range", "distill.init_from_range"):
@@ -441,7 +418,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if "distill" in c:
         _validate_distill(c)
     if "experts" in c:
-        check_experts(c)
+        experts.check_config(c)
     if "mesh" in c:
         _validate_mesh(c.mesh)
 
@@ -458,27 +435,9 @@ def _validate_mesh(m: ml_collections.ConfigDict) -> None:
     sharding.check_mesh(m.shape, m.axes, jax.device_count())
 
 
-def check_experts(config: Any) -> None:
-    """Checks ``config.experts``; raises ConfigError naming the bad field."""
-    ex = config.experts
-    for field, minimum in (("num", 1), ("epochs", 1), ("batch_size", 1), ("group", 0)):
-        value = ex[field]
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"experts.{field} must be an integer >= {minimum}, got {value!r}")
-    if not ex.lr > 0:
-        raise ConfigError(f"experts.lr must be > 0, got {ex.lr!r}")
-    if not ex.weight_decay >= 0:
-        raise ConfigError(f"experts.weight_decay must be >= 0, got {ex.weight_decay!r}")
-    if ex.momentum != 0:
-        raise ConfigError(
-            f"experts.momentum must be 0 (the reference buffer.py uses 0), got {ex.momentum!r}: "
-            "inner.sgd_epochs restarts its momentum buffer every epoch"
-        )
-
-
 def _validate_distill(c: ml_collections.ConfigDict) -> None:
     """Checks the ``distill`` and ``mi`` blocks (names, ranges, MI options, DC loops)."""
-    from mim4dd_jax import mi, objectives
+    from mim4dd_jax import mi
     from mim4dd_jax import state as state_lib
     from mim4dd_jax.choices import (
         INITS,
@@ -535,15 +494,20 @@ def _validate_distill(c: ml_collections.ConfigDict) -> None:
     check_choice("mi.feature_nets", c.mi.feature_nets, MI_FEATURE_NETS)
     if not isinstance(c.mi.through_unroll, bool):
         raise ConfigError(f"mi.through_unroll must be True or False, got {c.mi.through_unroll!r}")
-    if c.mi.through_unroll and c.method != "mtt":
+    # The experts and evaluate modes carry a distill block too, for no distillation method.
+    method = methods_lib.get(c.method) if c.method in methods_lib.names() else None
+    supports = method.supports if method is not None else frozenset()
+    if c.mi.through_unroll and methods_lib.THROUGH_UNROLL not in supports:
+        which = _listed(methods_lib.supporting(methods_lib.THROUGH_UNROLL))
         raise ConfigError(
-            f"mi.through_unroll is for method mtt (the student's unroll), not {c.method!r}; "
-            "valid: --config.method=mtt or mi.through_unroll=False"
+            f"mi.through_unroll is for method {which} (the student's unroll), not {c.method!r}; "
+            f"valid: --config.method={which} or mi.through_unroll=False"
         )
-    if c.mi.feature_nets == "experts" and c.method not in ("dm", "dc", "dsa"):
+    if c.mi.feature_nets == "experts" and methods_lib.EXPERT_FEATURES not in supports:
         raise ConfigError(
-            f"mi.feature_nets='experts' is for dm, dc and dsa, not {c.method!r} (MTT's MI "
-            "features already come from the expert and the student); valid: "
+            f"mi.feature_nets='experts' is for "
+            f"{_listed(methods_lib.supporting(methods_lib.EXPERT_FEATURES), ', ', ' and ')}, not "
+            f"{c.method!r} (its MI features already come from its own networks); valid: "
             "mi.feature_nets='random'"
         )
     for it in d.eval_at:
@@ -555,11 +519,19 @@ def _validate_distill(c: ml_collections.ConfigDict) -> None:
     if not 0 <= c.mi.bank_momentum < 1:
         raise ConfigError(f"mi.bank_momentum must be in [0, 1), got {c.mi.bank_momentum!r}")
     check_choice("mtt.remat", c.mtt.remat, REMAT)
-    if c.mtt.learn_labels and c.method != "mtt":
+    if c.mtt.learn_labels and methods_lib.LEARN_LABELS not in supports:
+        which = _listed(methods_lib.supporting(methods_lib.LEARN_LABELS))
         raise ConfigError(
-            f"mtt.learn_labels is for method mtt, not {c.method!r}; valid: --config.method=mtt "
-            "or mtt.learn_labels=False"
+            f"mtt.learn_labels is for method {which}, not {c.method!r}; valid: "
+            f"--config.method={which} or mtt.learn_labels=False"
         )
     mi.make_config(**state_lib.mi_options(c.mi))
-    if c.method in ("dc", "dsa") and not (d.outer_loop and d.inner_loop):
-        objectives.dc_loops(c.ipc)
+    if method is not None:
+        method.check(c)
+
+
+def _listed(names: tuple[str, ...], sep: str = "|", last: str = "|") -> str:
+    """``names`` joined for a message: "a|b", or with ``sep``/``last`` "a, b and c"."""
+    if len(names) < 2:
+        return "".join(names)
+    return sep.join(names[:-1]) + last + names[-1]

@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mim4dd_jax import artifacts, inner, models
 from mim4dd_jax import config as config_lib
 from mim4dd_jax import data as data_lib
 from mim4dd_jax import evaluate as evaluate_lib
-from mim4dd_jax import inner, io
 from mim4dd_jax.choices import FEATURE_SPACES
 from mim4dd_jax.errors import check_choice
 
@@ -61,7 +61,7 @@ def herding_indices(features: np.ndarray, index: data_lib.ClassIndex, ipc: int) 
     """Herding per class on [N, D] features: returns [C, ipc] example indices."""
     rows = []
     num_classes = index.indices.shape[0]
-    for c in evaluate_lib.progress_iter(range(num_classes), "herding", num_classes, unit="class"):
+    for c in artifacts.progress_iter(range(num_classes), "herding", num_classes, unit="class"):
         members = np.asarray(index.indices[c, : int(index.counts[c])])
         chosen = herding_select(jnp.asarray(features[members]), len(members), ipc)
         rows.append(members[np.asarray(chosen)])
@@ -76,7 +76,7 @@ def embed(model: Any, variables: Any, images: np.ndarray, batch_size: int = 500)
         return model.apply(variables, x, train=False, features=True).embedding
 
     out = []
-    with evaluate_lib.progress_bar("features", len(images), unit="image") as bar:
+    with artifacts.progress_bar("features", len(images), unit="image") as bar:
         for i in range(0, len(images), batch_size):
             out.append(np.asarray(f(jnp.asarray(images[i : i + batch_size]))))
             bar.update(len(out[-1]))
@@ -95,7 +95,7 @@ def herding_features(key: jax.Array, dataset: data_lib.Dataset, config: Any) -> 
     x = dataset.train_images
     if space == "pixels":
         return x.reshape(len(x), -1)
-    model = evaluate_lib.build_model(config, dataset.num_classes)
+    model = models.build_model(config, dataset.num_classes)
     if space == "random_net":
         variables = inner.init_variables(model, key, dataset.image_shape)
     else:
@@ -107,7 +107,7 @@ def herding_features(key: jax.Array, dataset: data_lib.Dataset, config: Any) -> 
         )
         train = jax.jit(functools.partial(inner.train_classifier, model=model, config=train_config))
         desc = f"features net: {train_config.epochs} epochs"
-        with evaluate_lib.progress_bar(desc, 1, unit="net") as bar:
+        with artifacts.progress_bar(desc, 1, unit="net") as bar:
             variables = train(
                 key, jnp.asarray(x), jnp.asarray(dataset.train_labels), config.eval.lr
             )
@@ -130,7 +130,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     # Data-dependent checks come before the workdir is created; the ZCA fit is then cached in it.
     dataset = data_lib.load_from_config(config.data, whitened=False)
     config_lib.check_ipc(config.ipc, data_lib.smallest_class(dataset))
-    workdir = io.prepare_workdir(workdir)
+    workdir = artifacts.prepare_workdir(workdir)
     dataset = data_lib.whiten_from_config(dataset, config.data, cache_dir=workdir)
     key = jax.random.key(config.seed)
     select_key, eval_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
@@ -138,7 +138,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     images = dataset.train_images[chosen]
     labels = dataset.train_labels[chosen]
     pixels = dataset.to_pixels(images)
-    io.save_synthetic_set(
+    artifacts.save_synthetic_set(
         workdir,
         pixels,
         labels,
@@ -157,9 +157,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         "dataset": dataset.name,
         "accuracy": {r.model: r.as_dict() for r in results},
     }
-    io.MetricWriter(workdir).write(0, **summary)
-    summary["machine"] = io.machine()
-    io.write_json(os.path.join(workdir, "results.json"), summary)
+    artifacts.MetricWriter(workdir).write(0, **summary)
+    summary["machine"] = artifacts.machine()
+    artifacts.write_json(os.path.join(workdir, "results.json"), summary)
     for r in results:
         print(f"{config.method} ipc{config.ipc} {r}")
     return summary

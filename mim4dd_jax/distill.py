@@ -6,11 +6,10 @@ The distillation code splits by concern; no module imports one that imports it b
 (``tests/test_imports.py``), and the valid choice names live in ``choices`` for ``config``:
 
 - ``state``: the synthetic state pytree (layout, init, init_from/growth, optimisers, shardings);
-- ``steps``: the registry of base methods and :func:`make_step`, the jitted, donated step;
+- ``steps``: the registry of base methods and ``make_step``, the jitted, donated step;
   ``steps_core``: the MIM4DD term, the guarded update and the context every method gets;
   ``steps_dm`` / ``steps_dc`` / ``steps_mtt``: one module per base method;
-- ``distill`` (here): the host loop. The names tests and scripts used from the single-module
-  version stay importable from here.
+- ``distill`` (here): the host loop.
 
 One iteration is one jitted, pure ``step(state, key, real_images, class_index, experts) ->
 (state, metrics)`` with the state donated; the real train split (and, for MTT, the expert
@@ -37,49 +36,30 @@ from typing import Any
 import jax
 import numpy as np
 
+from mim4dd_jax import artifacts, methods, sharding
 from mim4dd_jax import checkpoint as checkpoint_lib
 from mim4dd_jax import config as config_lib
 from mim4dd_jax import data as data_lib
 from mim4dd_jax import evaluate as evaluate_lib
 from mim4dd_jax import experts as experts_lib
-from mim4dd_jax import io, sharding
+from mim4dd_jax import state as state_lib
+from mim4dd_jax import steps as steps_lib
 from mim4dd_jax.errors import ConfigError
-
-# The loop's own names, and (for the API of the single-module version) the state's and the
-# step's public names. Tests patch ``distill.make_step``: run() looks it up here.
-from mim4dd_jax.state import (  # noqa: F401
-    InitSet,
-    State,
-    check_plan,
-    eval_labels,
-    init_state,
-    learned_parts,
-    make_optimizer,
-    mi_layers,
-    mi_options,
-    place_state,
-    read_init,
-    state_shardings,
-    student_lr,
-)
-from mim4dd_jax.steps import make_step, matching_strategy, real_chunk, step_model  # noqa: F401
-from mim4dd_jax.steps_dc import train_on_synthetic  # noqa: F401
-from mim4dd_jax.steps_mtt import resolve_remat  # noqa: F401
+from mim4dd_jax.state import State
 
 
 def needs_experts(config: Any) -> bool:
-    """MTT matches expert trajectories; DM/DC read them for ``mi.feature_nets="experts"``."""
-    if config.method == "mtt":
+    """Whether the run reads expert trajectories: the method matches them (``Method.needs_experts``,
+    MTT), or the MI term draws its feature networks from them (``mi.feature_nets="experts"``)."""
+    if methods.get(config.method).needs_experts:
         return True
     return bool(config.mi.weight) and config.mi.feature_nets == "experts"
 
 
 def min_expert_epochs(config: Any) -> int:
-    """Epochs an expert needs: MTT's start epochs t < max_start_epoch and targets
-    t + expert_epochs; one trained epoch as an MI feature network."""
-    if config.method != "mtt":
-        return 1
-    return int(config.mtt.max_start_epoch) - 1 + int(config.mtt.expert_epochs)
+    """Epochs an expert needs: the method's (``Method.expert_epochs``; one trained epoch as an
+    MI feature network)."""
+    return methods.get(config.method).expert_epochs(config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,13 +79,13 @@ def _save_artifacts(
 ) -> None:
     model_images = sharding.to_host(state["images"])
     pixels = dataset.to_pixels(model_images)
-    labels = eval_labels(state)
-    io.save_synthetic_set(
+    labels = state_lib.eval_labels(state)
+    artifacts.save_synthetic_set(
         workdir,
         pixels,
         labels,
         dataset.num_classes,
-        lr=student_lr(state, config),
+        lr=state_lib.student_lr(state, config),
         config=config.to_dict(),
         iteration=np.int64(iteration),
         # Model-space copy: growing or continuing from this file is then exact (no round trip
@@ -118,7 +98,7 @@ def _save_artifacts(
     # The same picture as grid.png: copy its bytes rather than render it again.
     with open(os.path.join(workdir, "grid.png"), "rb") as src:
         png = src.read()
-    with io.atomic_write(os.path.join(workdir, f"grid_{iteration:06d}.png")) as dst:
+    with artifacts.atomic_write(os.path.join(workdir, f"grid_{iteration:06d}.png")) as dst:
         dst.write(png)
 
 
@@ -160,7 +140,7 @@ _ADDED_FIELDS = {
 
 def _config_fingerprint(config: Any) -> dict[str, Any]:
     """Every config field, flattened to dotted names and JSON scalars."""
-    flat = config_lib.flatten_dotted(config.to_dict())
+    flat = artifacts.flatten_dotted(config.to_dict())
     scalars = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
     return json.loads(json.dumps(scalars))
 
@@ -231,7 +211,8 @@ class _StopRequest:
 def _load_experts(config: Any, dataset: data_lib.Dataset) -> Any:
     folder = config.mtt.experts_dir
     if not folder:
-        what = "mtt" if config.method == "mtt" else "mi.feature_nets='experts'"
+        what = config.method if methods.get(config.method).needs_experts else None
+        what = what or "mi.feature_nets='experts'"
         raise ConfigError(
             f"{what} needs expert trajectories: set --config.mtt.experts_dir to the workdir of "
             "an experts run (python run.py --config=<dataset config>:experts --workdir=...)"
@@ -252,7 +233,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     counting 0 = the initial set, and at the end), ``accuracy.png`` and ``results.json``.
     SIGTERM/SIGINT save a checkpoint and stop.
 
-    Devices: the step runs on ``config.mesh`` (see :func:`make_step`), evaluation spreads its
+    Devices: the step runs on ``config.mesh`` (see ``steps.make_step``), evaluation spreads its
     models over it. In a multi-process launch (``mesh.distributed``) every process runs this
     loop and saves the orbax checkpoints together; only process 0 writes the other artifacts.
     """
@@ -264,15 +245,15 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     # Data-dependent checks come before the workdir is created; the ZCA fit is then cached in it.
     dataset = data_lib.load_from_config(config.data, whitened=False)
     config_lib.check_ipc(config.ipc, data_lib.smallest_class(dataset))
-    check_plan(config, dataset.num_classes, mesh)
+    state_lib.check_plan(config, dataset.num_classes, mesh)
     if config.distill.init_from:
-        read_init(config.distill.init_from, dataset, config)
+        state_lib.read_init(config.distill.init_from, dataset, config)
     experts = _load_experts(config, dataset) if needs_experts(config) else None
-    check_same_run(io.check_workdir(workdir), config)
-    workdir = io.prepare_workdir(workdir)
+    check_same_run(artifacts.check_workdir(workdir), config)
+    workdir = artifacts.prepare_workdir(workdir)
     dataset = data_lib.whiten_from_config(dataset, config.data, cache_dir=workdir)
     if main:
-        io.write_json(
+        artifacts.write_json(
             os.path.join(workdir, "config.json"), _config_fingerprint(config), sort_keys=True
         )
 
@@ -280,7 +261,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     d = config.distill
     key = jax.random.key(config.seed)
     # Placed before the restore: orbax restores into the template's shardings.
-    state = place_state(init_state(jax.random.fold_in(key, 0), dataset, config), mesh, config)
+    state = state_lib.place_state(
+        state_lib.init_state(jax.random.fold_in(key, 0), dataset, config), mesh, config
+    )
     checkpoints = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), keep=d.keep_checkpoints
     )
@@ -289,8 +272,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     if restored is not None:
         start, state = restored
         logging.warning("resuming %s from iteration %d", workdir, start)
-    step = make_step(config, dataset)
-    writer = io.MetricWriter(workdir, tensorboard=True) if main else None
+    step = steps_lib.make_step(config, dataset)
+    writer = artifacts.MetricWriter(workdir, tensorboard=True) if main else None
     if writer is not None:
         # A killed run may have logged steps after its last checkpoint; they are redone now, so
         # they go (each step once in the trace), and so does a final evaluation, always redone.
@@ -309,17 +292,20 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         if (
             iteration != d.iterations
             and jax.process_count() == 1
-            and all(iteration in points for points in io.accuracy_history(workdir).values() or [{}])
+            and all(
+                iteration in points
+                for points in artifacts.accuracy_history(workdir).values() or [{}]
+            )
         ):
             return  # a resumed run already evaluated this iteration before it stopped
         # Every process evaluates: the models are spread over the whole mesh.
         results = evaluate_lib.evaluate_from_config(
             eval_key,
             sharding.to_host(state["images"]),
-            eval_labels(state),
+            state_lib.eval_labels(state),
             dataset,
             config,
-            lr=student_lr(state, config),
+            lr=state_lib.student_lr(state, config),
             mesh=mesh,
         )
         summary["accuracy"] = {r.model: r.as_dict() for r in results}
@@ -329,7 +315,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         writer.write(iteration, accuracy=summary["accuracy"])
         with open(os.path.join(workdir, "grid.png"), "rb") as f:  # written by _save_artifacts
             writer.write_image(iteration, "synthetic/grid", f.read())
-        io.save_accuracy_plot(workdir)
+        artifacts.save_accuracy_plot(workdir)
         for r in results:
             tqdm.write(f"{config.method} ipc{config.ipc} it {iteration}: {r}")
 
@@ -396,9 +382,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     if main:
         # "accuracy" (= "final") is the last evaluation, which DC/DSA/DM's code reports; MTT's
         # code reports the best over its evaluations. Both are recorded, labelled.
-        summary.update(io.final_and_best(io.accuracy_history(workdir)))
+        summary.update(artifacts.final_and_best(artifacts.accuracy_history(workdir)))
         summary["num_models"] = int(config.eval.num_models)
-        summary["machine"] = io.machine()
+        summary["machine"] = artifacts.machine()
         if experts is not None:
             # The count this run matched against (the reference trains 100), not experts.num.
             shape = experts.trajectories.shape
@@ -407,5 +393,5 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                 "epochs": int(shape[1]) - 1,
                 "dir": config.mtt.experts_dir,
             }
-        io.write_json(os.path.join(workdir, "results.json"), summary)
+        artifacts.write_json(os.path.join(workdir, "results.json"), summary)
     return summary

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mim4dd_jax import artifacts, inner, models, sharding
 from mim4dd_jax import augment as augment_lib
-from mim4dd_jax import inner, models, sharding
 
 
 class EvalResult(NamedTuple):
@@ -127,7 +127,7 @@ def evaluate(
             accs = inner.train_and_test_many(*args, **kwargs)
             results.append(EvalResult(name, sharding.to_host(accs)))
             continue
-        with progress_bar(f"eval {name} x{num_models}", passes, enabled=progress) as bar:
+        with artifacts.progress_bar(f"eval {name} x{num_models}", passes, enabled=progress) as bar:
             on_chunk = None
             if progress:
 
@@ -147,37 +147,6 @@ def evaluate(
 # With progress, an evaluation trains in about this many chunks of epochs (one host round trip
 # each, to read the loss for the bar).
 PROGRESS_CHUNKS = 20
-
-
-def progress_iter(iterable: Any, desc: str, total: int, *, unit: str) -> Any:
-    """``iterable`` with a progress bar on stderr when it is a terminal (see
-    :func:`progress_bar`)."""
-    from tqdm import tqdm
-
-    return tqdm(
-        iterable,
-        total=total,
-        desc=desc,
-        unit=unit,
-        file=sys.stderr,
-        dynamic_ncols=True,
-        disable=None,
-    )
-
-
-def progress_bar(desc: str, total: int, *, enabled: bool | None = None, unit: str = "epoch"):
-    """A tqdm bar on stderr; ``enabled=None``: only when stderr is a terminal (CI logs stay
-    short). Shows the ETA; callers add the loss or the accuracy as a postfix."""
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        desc=desc,
-        unit=unit,
-        file=sys.stderr,
-        dynamic_ncols=True,
-        disable=None if enabled is None else not enabled,
-    )
 
 
 def evaluate_from_config(
@@ -217,45 +186,18 @@ def evaluate_from_config(
     )
 
 
-def prefer_conv(model: nn.Module, config: Any, impl: str) -> nn.Module:
-    """``model`` with conv ``impl`` when ``config.conv_impl`` is "auto" and the backend is CPU
-    (a choice measured per use, BENCHMARKS.md); otherwise ``model`` unchanged."""
-    if config.conv_impl == "auto" and jax.default_backend() == "cpu":
-        return model.clone(conv_impl=impl)
-    return model
-
-
 def eval_model(config: Any, num_classes: int, name: str | None = None) -> nn.Module:
-    """:func:`build_model` for the evaluation's training. A ConvNet on CPU with conv_impl "auto"
+    """``models.build_model`` for the evaluation's training. A ConvNet on CPU with conv_impl "auto"
     and the models run one after another (``eval.parallel`` map, CPU's default) uses the
     "hybrid" conv there: evaluation differentiates once and needs no input gradient of the first
     layer, and 5 ConvNet-3 evaluations took 0.82-0.91x the time of im2col at 100 images and
     0.90x at 10 (0.98x at 500; BENCHMARKS.md, issue 15). Vmapped over models, XLA's conv
     becomes a grouped conv that ran 2.4x slower, so ``vmap`` keeps im2col; other architectures
     are unmeasured and keep "auto" too."""
-    model = build_model(config, num_classes, name)
+    model = models.build_model(config, num_classes, name)
     mapped = inner.resolve_parallel(config.eval.parallel) == "map"
     return (
-        prefer_conv(model, config, "hybrid")
+        models.prefer_conv(model, config, "hybrid")
         if mapped and isinstance(model, models.ConvNet)
         else model
     )
-
-
-def build_model(config: Any, num_classes: int, name: str | None = None) -> nn.Module:
-    """``config.model`` (or, for another architecture ``name``, its reference variant)."""
-    m = config.model
-    if name is None or name.lower() == m.name.lower():
-        return models.get_model(
-            m.name,
-            num_classes=num_classes,
-            width=m.width,
-            depth=m.depth,
-            norm=m.norm,
-            act=m.act,
-            pool=m.pool,
-            conv_impl=config.conv_impl,
-            microbatch=config.get("microbatch", 0),
-        )
-    # Cross-architecture models keep the reference's own norm, not the distillation model's.
-    return models.get_model(name, num_classes=num_classes, conv_impl=config.conv_impl)

@@ -4,7 +4,7 @@
         --config.eval.set=<path/to/distilled.npz> --workdir=<new folder>
 
 The set is a ``.npz`` holding ``images`` and ``labels`` (see README, "Evaluating a distilled
-set"): ours (``io.save_synthetic_set``: pixels, labels, ``lr``, and the model-space copy
+set"): ours (``artifacts.save_synthetic_set``: pixels, labels, ``lr``, and the model-space copy
 ``model_images`` with the ``mean``/``std``/``zca`` it was made with) or another repo's raw
 arrays. The protocol comes from ``config.eval`` (models, num_models, epochs, dsa, ...); the lr
 is the set's stored ``lr`` when it has one (MTT's learned lr), unless the caller gives one (the
@@ -27,9 +27,9 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from mim4dd_jax import artifacts
 from mim4dd_jax import data as data_lib
 from mim4dd_jax import evaluate as evaluate_lib
-from mim4dd_jax import io
 from mim4dd_jax.errors import ConfigError
 
 RESULTS = "results.json"
@@ -66,7 +66,7 @@ def read_arrays(path: str) -> dict[str, np.ndarray]:
             "'images' and 'labels')"
         )
     what = f"eval.set {path!r}"
-    arrays = io.read_npz(path, what, SET_HINT)
+    arrays = artifacts.read_npz(path, what, SET_HINT)
     missing = [k for k in ("images", "labels") if k not in arrays]
     if missing:
         raise ConfigError(
@@ -180,9 +180,9 @@ def _check_labels(labels: np.ndarray, n: int, k: int, what: str, name: str) -> n
 
 
 def check_workdir(workdir: str) -> str:
-    """``io.check_workdir``, and a workdir that holds another mode's run is refused (its
+    """``artifacts.check_workdir``, and a workdir that holds another mode's run is refused (its
     results.json would be overwritten)."""
-    workdir = io.check_workdir(workdir)
+    workdir = artifacts.check_workdir(workdir)
     results = os.path.join(workdir, RESULTS)
     other = os.path.exists(os.path.join(workdir, "config.json"))
     if os.path.isfile(results):
@@ -263,7 +263,7 @@ def run(config: Any, workdir: str, *, lr: float | None = None) -> dict[str, Any]
     syn = check_set(arrays, dataset, path, config.eval.get("pixel_range", ""))
     _warn_protocol(syn.stored_config, config)
     # All checks passed: from here the workdir exists (the ZCA fit is cached in it).
-    workdir = io.prepare_workdir(workdir)
+    workdir = artifacts.prepare_workdir(workdir)
     dataset = data_lib.whiten_from_config(dataset, config.data, cache_dir=workdir)
     images = syn.model_images if syn.model_images is not None else dataset.from_pixels(syn.pixels)
     pixels = syn.pixels if syn.pixels is not None else dataset.to_pixels(images)
@@ -274,7 +274,7 @@ def run(config: Any, workdir: str, *, lr: float | None = None) -> dict[str, Any]
     else:
         eval_lr, lr_source = float(config.eval.lr), "config"
     hard = syn.labels.argmax(-1) if syn.labels.ndim == 2 else syn.labels
-    io.save_grid(os.path.join(workdir, "grid.png"), pixels, hard, dataset.num_classes)
+    artifacts.save_grid(os.path.join(workdir, "grid.png"), pixels, hard, dataset.num_classes)
     key = jax.random.fold_in(jax.random.key(config.seed), 1)
     results = evaluate_lib.evaluate_from_config(
         key, images, syn.labels, dataset, config, lr=eval_lr
@@ -294,10 +294,10 @@ def run(config: Any, workdir: str, *, lr: float | None = None) -> dict[str, Any]
         "protocol": _protocol(config),
         "accuracy": {r.model: r.as_dict() for r in results},
     }
-    io.MetricWriter(workdir).write(0, **summary)
-    summary["machine"] = io.machine()
-    io.write_json(os.path.join(workdir, RESULTS), summary)
-    with io.atomic_write(os.path.join(workdir, TABLE), "w") as f:
+    artifacts.MetricWriter(workdir).write(0, **summary)
+    summary["machine"] = artifacts.machine()
+    artifacts.write_json(os.path.join(workdir, RESULTS), summary)
+    with artifacts.atomic_write(os.path.join(workdir, TABLE), "w") as f:
         f.write(results_table(summary))
     for r in results:
         print(f"evaluate {os.path.basename(path)}: {r}")

@@ -61,11 +61,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from mim4dd_jax import artifacts, inner, models
 from mim4dd_jax import augment as augment_lib
-from mim4dd_jax import config as config_lib
 from mim4dd_jax import data as data_lib
 from mim4dd_jax import evaluate as evaluate_lib
-from mim4dd_jax import inner, io
 from mim4dd_jax.errors import ConfigError
 
 PyTree = Any
@@ -110,11 +109,21 @@ class EpochConfig(NamedTuple):
 
 
 def check_config(config: Any) -> None:
-    """Checks ``config.experts``; raises ConfigError naming the bad field.
-
-    The checks live in ``config.check_experts`` so that ``config.validate`` need not import
-    this module (which imports config)."""
-    config_lib.check_experts(config)
+    """Checks ``config.experts``; raises ConfigError naming the bad field."""
+    ex = config.experts
+    for field, minimum in (("num", 1), ("epochs", 1), ("batch_size", 1), ("group", 0)):
+        value = ex[field]
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"experts.{field} must be an integer >= {minimum}, got {value!r}")
+    if not ex.lr > 0:
+        raise ConfigError(f"experts.lr must be > 0, got {ex.lr!r}")
+    if not ex.weight_decay >= 0:
+        raise ConfigError(f"experts.weight_decay must be >= 0, got {ex.weight_decay!r}")
+    if ex.momentum != 0:
+        raise ConfigError(
+            f"experts.momentum must be 0 (the reference buffer.py uses 0), got {ex.momentum!r}: "
+            "inner.sgd_epochs restarts its momentum buffer every epoch"
+        )
 
 
 def resolve_group(group: int, num: int) -> int:
@@ -172,7 +181,7 @@ def make_meta(config: Any, dataset: data_lib.Dataset) -> dict[str, Any]:
     accuracy), num and epochs (they may grow on resume).
     """
     ex, d = config.experts, config.data
-    model = evaluate_lib.build_model(config, dataset.num_classes)
+    model = models.build_model(config, dataset.num_classes)
     zca = bool(d.zca)
     meta = {
         "dataset": dataset.name,
@@ -211,7 +220,7 @@ def check_meta(
     fields: Callable[[str], bool] = lambda name: True,
 ) -> None:
     """Raises ConfigError naming every dotted field (among ``fields``) whose values differ."""
-    old, new = config_lib.flatten_dotted(stored), config_lib.flatten_dotted(current)
+    old, new = artifacts.flatten_dotted(stored), artifacts.flatten_dotted(current)
     missing = "<missing>"
     diffs = [
         f"{name}: stored {old.get(name, missing)!r}, current {new.get(name, missing)!r}"
@@ -349,7 +358,7 @@ def _write_expert(path: str, record: _Record) -> None:
     n = record.test_accuracy.shape[0]
     chex.assert_shape(record.params, (n + 1, None))
     chex.assert_rank(record.state, 1)
-    io.save_npz(
+    artifacts.save_npz(
         path,
         params=np.asarray(record.params, np.float32),
         test_accuracy=np.asarray(record.test_accuracy, np.float32),
@@ -381,7 +390,7 @@ def _train_chunk(
     hparams: EpochConfig,
     arrays: tuple[jax.Array, ...],
     image_shape: tuple[int, ...],
-    writer: io.MetricWriter,
+    writer: artifacts.MetricWriter,
     bar: Any,
 ) -> None:
     """Trains the experts of ``chunk`` (padded to ``size`` slots) up to ``epochs`` epochs each,
@@ -471,7 +480,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     # Data-dependent checks come before the workdir is created; the ZCA fit is then cached in it.
     dataset = data_lib.load_from_config(config.data, whitened=False)
     meta = make_meta(config, dataset)
-    meta_path = os.path.join(io.check_workdir(workdir), META)
+    meta_path = os.path.join(artifacts.check_workdir(workdir), META)
     if os.path.exists(meta_path):
         check_meta(
             _read_meta(meta_path),
@@ -485,12 +494,12 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             f"{os.path.dirname(meta_path)!r} holds expert files but no {META}; "
             "use another --workdir"
         )
-    workdir = io.prepare_workdir(workdir)
+    workdir = artifacts.prepare_workdir(workdir)
     dataset = data_lib.whiten_from_config(dataset, config.data, cache_dir=workdir)
     if not os.path.exists(meta_path):
-        io.write_json(meta_path, meta)
+        artifacts.write_json(meta_path, meta)
 
-    model = evaluate_lib.build_model(config, dataset.num_classes)
+    model = models.build_model(config, dataset.num_classes)
     hparams = EpochConfig(
         lr=float(ex.lr),
         weight_decay=float(ex.weight_decay),
@@ -516,7 +525,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
 
     done = {i: epochs_done(i) for i in range(ex.num)}
     todo = [i for i in range(ex.num) if done[i] < ex.epochs]
-    writer = io.MetricWriter(workdir)
+    writer = artifacts.MetricWriter(workdir)
     if todo:
         chunks, size = _chunks(todo, resolve_group(ex.group, len(todo)))
         # A chunk runs until its least-trained member is done.
@@ -548,9 +557,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         "num": ex.num,
         "epochs": ex.epochs,
         "test_accuracy": {"mean": float(np.mean(final)), "std": float(np.std(final)), "all": final},
-        "machine": io.machine(),
+        "machine": artifacts.machine(),
     }
-    io.write_json(os.path.join(workdir, RESULTS), summary)
+    artifacts.write_json(os.path.join(workdir, RESULTS), summary)
     tqdm.write(
         f"{ex.num} experts, {ex.epochs} epochs: test accuracy "
         f"{100 * summary['test_accuracy']['mean']:.2f} ± {100 * summary['test_accuracy']['std']:.2f} %"
@@ -621,7 +630,7 @@ def load(folder: str, *, dataset: data_lib.Dataset, config: Any, min_epochs: int
             f"no expert in {folder!r} has {min_epochs} epochs ({len(paths)} experts, the longest "
             f"has {most}); train longer: {train} --config.experts.epochs={min_epochs}"
         )
-    model = evaluate_lib.build_model(config, dataset.num_classes)
+    model = models.build_model(config, dataset.num_classes)
     unravel, _ = unravelers(model, dataset.image_shape)
     p = int(stored["num_params"])
     t = min(counts[path] for path in chosen)

@@ -427,3 +427,35 @@ def embedding_dim(model: nn.Module, image_shape: Sequence[int]) -> int:
 def block_shapes(model: nn.Module, image_shape: Sequence[int]) -> tuple[tuple[int, int, int], ...]:
     """(h, w, c) of each per-block feature map of ``model`` for images of shape (H, W, C)."""
     return tuple(tuple(b.shape[1:]) for b in _abstract_features(model, image_shape).blocks)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models from a config.
+# ----------------------------------------------------------------------------------------------
+
+
+def build_model(config: Any, num_classes: int, name: str | None = None) -> nn.Module:
+    """``config.model`` (or, for another architecture ``name``, its reference variant)."""
+    m = config.model
+    if name is None or name.lower() == m.name.lower():
+        return get_model(
+            m.name,
+            num_classes=num_classes,
+            width=m.width,
+            depth=m.depth,
+            norm=m.norm,
+            act=m.act,
+            pool=m.pool,
+            conv_impl=config.conv_impl,
+            microbatch=config.get("microbatch", 0),
+        )
+    # Cross-architecture models keep the reference's own norm, not the distillation model's.
+    return get_model(name, num_classes=num_classes, conv_impl=config.conv_impl)
+
+
+def prefer_conv(model: nn.Module, config: Any, impl: str) -> nn.Module:
+    """``model`` with conv ``impl`` when ``config.conv_impl`` is "auto" and the backend is CPU
+    (a choice measured per use, BENCHMARKS.md); otherwise ``model`` unchanged."""
+    if config.conv_impl == "auto" and jax.default_backend() == "cpu":
+        return model.clone(conv_impl=impl)
+    return model

@@ -91,7 +91,8 @@ def is_main_process() -> bool:
 
 
 def options(config: Any) -> dict[str, Any]:
-    """``config.mesh`` as a dict, with :data:`DEFAULTS` for a config built without the block."""
+    """``config.mesh`` as a dict, with :data:`DEFAULTS` (also ``config.build``'s mesh block) for a
+    config built without the block."""
     block = config.get("mesh") if hasattr(config, "get") else None
     return {**DEFAULTS, **(dict(block) if block else {})}
 

@@ -13,7 +13,8 @@ The state is a plain dict pytree::
      "banks": per MI layer a mi.init_memory_bank (only with mi.weight > 0 and mi.bank_slots > 0),
      "opt_state": one optax state per learned part ("images", "heads", "syn_lr", "labels")}
 
-Nothing here knows which method runs, apart from MTT's extra learned parts (``learned_parts``).
+Nothing here knows which method runs: its extra learned parts and initial lr come from its
+``methods.Method`` record.
 Randomness (part of the contract, tests rely on it): ``init_state`` uses ``fold_in(key, 0)`` for
 the images and ``fold_in(key, 1)`` for the heads.
 """
@@ -30,9 +31,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from mim4dd_jax import artifacts, methods, mi, models, objectives, sharding
 from mim4dd_jax import data as data_lib
-from mim4dd_jax import evaluate as evaluate_lib
-from mim4dd_jax import io, mi, models, objectives, sharding
 from mim4dd_jax.choices import INITS, OPTIMIZERS
 from mim4dd_jax.errors import ConfigError, check_choice
 
@@ -107,13 +107,8 @@ def mi_layers(config: Any, model: nn.Module, image_shape: Sequence[int]) -> tupl
 
 def learned_parts(config: Any) -> tuple[str, ...]:
     """The state entries the outer loop optimises, each with its own optax optimiser."""
-    parts = ["images"]
-    if config.mi.weight:
-        parts.append("heads")
-    if config.method == "mtt":
-        parts += ["syn_lr"] if config.mtt.learn_lr else []
-        parts += ["labels"] if config.mtt.learn_labels else []
-    return tuple(parts)
+    heads = ("heads",) if config.mi.weight else ()
+    return ("images", *heads, *methods.get(config.method).learned(config))
 
 
 def optimizers(config: Any) -> dict[str, optax.GradientTransformation]:
@@ -144,7 +139,7 @@ class InitSet(dict):
 def read_init(path: str, dataset: data_lib.Dataset, config: Any) -> InitSet:
     """Reads and checks ``distill.init_from``; ConfigError names the file and what is wrong."""
     what = f"distill.init_from {path!r}"
-    arrays = io.read_npz(path, what, "expected a distilled.npz written by run.py")
+    arrays = artifacts.read_npz(path, what, "expected a distilled.npz written by run.py")
     if "images" not in arrays or "labels" not in arrays:
         raise ConfigError(f"{what} has no 'images' and 'labels'; expected a distilled.npz")
     images, labels = arrays["images"], arrays["labels"]
@@ -259,7 +254,7 @@ def _init_images(
 def _init_labels(dataset: data_lib.Dataset, config: Any, loaded: InitSet | None) -> jax.Array:
     num_classes, ipc = dataset.num_classes, config.ipc
     labels = objectives.class_labels(num_classes, ipc)
-    if not (config.method == "mtt" and config.mtt.learn_labels):
+    if "labels" not in learned_parts(config):
         return labels
     logits = config.mtt.label_logit * jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
     if loaded is not None and "soft" in loaded:
@@ -283,7 +278,7 @@ def init_state(key: jax.Array, dataset: data_lib.Dataset, config: Any) -> State:
     init_from = config.distill.init_from
     loaded = read_init(init_from, dataset, config) if init_from else None
     images, trainable = _init_images(jax.random.fold_in(key, 0), dataset, config, loaded)
-    model = evaluate_lib.build_model(config, num_classes)
+    model = models.build_model(config, num_classes)
     blocks = models.block_shapes(model, shape)
     layers = mi_layers(config, model, shape)
     # The state keeps the heads' params only (the checkpoint layout); the options live in the
@@ -291,7 +286,7 @@ def init_state(key: jax.Array, dataset: data_lib.Dataset, config: Any) -> State:
     heads = mi.init_heads(
         jax.random.fold_in(key, 1), [blocks[layer] for layer in layers], config=mi_config(config.mi)
     ).params
-    lr = config.mtt.lr_teacher if config.method == "mtt" else config.eval.lr
+    lr = methods.get(config.method).lr(config)
     state = {
         "images": images,
         "labels": _init_labels(dataset, config, loaded),
@@ -312,8 +307,8 @@ def init_state(key: jax.Array, dataset: data_lib.Dataset, config: Any) -> State:
 
 
 def student_lr(state: State, config: Any) -> float:
-    """The lr models are evaluated with: the learned MTT lr, else ``eval.lr``."""
-    if config.method == "mtt" and config.mtt.learn_lr:
+    """The lr models are evaluated with: the learned one (MTT's), else ``eval.lr``."""
+    if "syn_lr" in learned_parts(config):
         return float(sharding.to_host(state["syn_lr"]))
     return float(config.eval.lr)
 

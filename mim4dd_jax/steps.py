@@ -1,12 +1,14 @@
-"""The distillation step: one registry of base methods (``name -> step builder``) and
-:func:`make_step`, which turns the configured method into one jitted, donated function.
+"""The distillation step: the built-in methods' registration (``methods``: one record per
+method) and :func:`make_step`, which turns the configured method into one jitted, donated
+function.
 
 A builder takes a :class:`steps_core.StepContext` and returns the method's step body
 ``(state, key, real_images, class_index, experts) -> (state, metrics)``; it writes the base
 loss (returning what its MI features need) and the function that gives those features, and
 hands both to ``ctx.grad_and_update``, so the MIM4DD term, its weighting and diagnostics, the
 optax updates, the growth mask and the numerical guard are the same for every method. The built-in methods live one family per module (``steps_dm``, ``steps_dc``,
-``steps_mtt``); a new one is one more builder, registered with :func:`register`.
+``steps_mtt``, each with its ``methods.Method`` record); a new one is one more record,
+registered with ``methods.register``.
 """
 
 from __future__ import annotations
@@ -23,43 +25,18 @@ from jax.sharding import Mesh
 
 from mim4dd_jax import augment as augment_lib
 from mim4dd_jax import data as data_lib
-from mim4dd_jax import evaluate as evaluate_lib
-from mim4dd_jax import objectives, sharding, steps_dc, steps_dm, steps_mtt
+from mim4dd_jax import methods, models, objectives, sharding, steps_dc, steps_dm, steps_mtt
 from mim4dd_jax import state as state_lib
-from mim4dd_jax.errors import check_choice
 from mim4dd_jax.state import State
-from mim4dd_jax.steps_core import Builder, Metrics, StepContext
+from mim4dd_jax.steps_core import Metrics, StepContext
 
 StepFn = Callable[..., tuple[State, Metrics]]
 
-# The base methods, by config.method. Built-ins here; others via register().
-_BUILDERS: dict[str, Builder] = {
-    "dm": steps_dm.build,
-    "dc": steps_dc.build,
-    "dsa": steps_dc.build,  # DC with distill.dsa on (the configs' "dsa" preset)
-    "mtt": steps_mtt.build,
-}
-
-
-def register(name: str) -> Callable[[Builder], Builder]:
-    """Decorator: ``@steps.register("name")`` makes a builder the step of ``method="name"``."""
-
-    def add(builder: Builder) -> Builder:
-        _BUILDERS[name] = builder
-        return builder
-
-    return add
-
-
-def names() -> tuple[str, ...]:
-    """The registered base methods."""
-    return tuple(_BUILDERS)
-
-
-def get(name: str) -> Builder:
-    """The builder registered as ``name``; ConfigError listing the valid names otherwise."""
-    check_choice("distillation method", name, names())
-    return _BUILDERS[name]
+# The built-in methods, registered here in this order (the order of the names in messages and
+# in ``config.methods()``); user code registers its own with ``methods.register``.
+BUILT_IN = (steps_dm.METHOD, steps_dc.DC, steps_dc.DSA, steps_mtt.METHOD)
+for _method in BUILT_IN:
+    methods.register(_method)
 
 
 def matching_strategy(config: Any, dataset_name: str) -> str | None:
@@ -72,12 +49,12 @@ def matching_strategy(config: Any, dataset_name: str) -> str | None:
 
 
 def step_model(config: Any, num_classes: int) -> nn.Module:
-    """The network the step differentiates through: ``config.model``, except that DM on CPU with
-    ``conv_impl="auto"`` uses the "hybrid" conv (XLA's forward, GEMM weight gradient). DM's step
-    has no loop, where XLA:CPU's conv is fast, and it measured 2.3x faster than im2col with half
-    the memory (BENCHMARKS.md); loops (DC's inner training, the MTT student) keep im2col."""
-    model = evaluate_lib.build_model(config, num_classes)
-    return evaluate_lib.prefer_conv(model, config, "hybrid") if config.method == "dm" else model
+    """The network the step differentiates through: ``config.model``, with the method's preferred
+    conv on CPU under ``conv_impl="auto"`` (``Method.conv``: DM's "hybrid"; methods with loops,
+    DC's inner training and the MTT student, keep im2col)."""
+    model = models.build_model(config, num_classes)
+    conv = methods.get(config.method).conv
+    return model if conv is None else models.prefer_conv(model, config, conv)
 
 
 def real_chunk(config: Any) -> int:
@@ -136,7 +113,7 @@ def make_step(config: Any, dataset: data_lib.Dataset, mesh: Mesh | None = None) 
     over pairs). Place the inputs with ``state.place_state`` (and the real images / trajectories
     replicated) as ``distill.run`` does. One device: no constraint at all.
     """
-    builder = get(config.method)
+    builder = methods.get(config.method).build
     mesh = sharding.mesh_from_config(config) if mesh is None else mesh
     ctx = make_context(config, dataset, mesh)
     state_lib.check_plan(config, dataset.num_classes, mesh)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from mim4dd_jax import data as data_lib
 from mim4dd_jax import experts as experts_lib
-from mim4dd_jax import inner, objectives, sharding
+from mim4dd_jax import inner, methods, objectives, sharding
 from mim4dd_jax.choices import REMAT
 from mim4dd_jax.errors import ConfigError, check_choice
 from mim4dd_jax.state import State
@@ -49,7 +49,7 @@ def resolve_remat(value: str, backend: str | None = None) -> bool:
 
 
 def build(ctx: StepContext) -> BaseStep:
-    """The MTT step body (registered as "mtt" in ``mim4dd_jax.steps``).
+    """The MTT step body (the builder of :data:`METHOD`).
 
     The k (expert, start) pairs are vmapped; on a mesh that vmapped axis is split over the
     devices, so k = device count runs k unrolls in the wall time of one. The step's ``experts``
@@ -140,3 +140,37 @@ def build(ctx: StepContext) -> BaseStep:
         )
 
     return mtt_step
+
+
+def learned(config: Any) -> tuple[str, ...]:
+    """MTT's learned parts beyond the images (and heads): the student lr, the soft labels."""
+    m = config.mtt
+    return (*(("syn_lr",) if m.learn_lr else ()), *(("labels",) if m.learn_labels else ()))
+
+
+def expert_epochs(config: Any) -> int:
+    """Epochs an expert needs: start epochs t < max_start_epoch and targets t + expert_epochs."""
+    return int(config.mtt.max_start_epoch) - 1 + int(config.mtt.expert_epochs)
+
+
+# Cazenavette et al. 2022: SGD momentum 0.5 on the pixels; the student and the evaluation
+# models train with DSA; the student lr starts at the experts' (mtt.lr_teacher) and the
+# evaluation uses the learned one, 1000 epochs.
+METHOD = methods.Method(
+    name="mtt",
+    build=build,
+    defaults={
+        "distill.iterations": 5000,
+        "distill.lr": 1000.0,
+        "distill.momentum": 0.5,
+        "distill.dsa": True,
+        "distill.eval_every": 1000,
+        "eval.dsa": True,
+        "eval.epochs": 1000,
+    },
+    learned=learned,
+    lr=lambda config: config.mtt.lr_teacher,
+    needs_experts=True,
+    expert_epochs=expert_epochs,
+    supports=frozenset({methods.THROUGH_UNROLL, methods.LEARN_LABELS}),
+)

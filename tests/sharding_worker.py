@@ -51,9 +51,9 @@ def fake_trajectories(config, dataset, experts: int = 2, epochs: int = 3):
     import numpy as np
     from jax.flatten_util import ravel_pytree
 
-    from mim4dd_jax import evaluate, inner
+    from mim4dd_jax import inner, models
 
-    model = evaluate.build_model(config, dataset.num_classes)
+    model = models.build_model(config, dataset.num_classes)
     variables = inner.init_variables(model, jax.random.key(1), dataset.image_shape)
     p0 = np.asarray(ravel_pytree(variables["params"])[0])
     walk = np.random.default_rng(0).normal(0, 0.01, (experts, epochs + 1, p0.size))
@@ -68,23 +68,25 @@ def run_case(name: str) -> dict:
     import numpy as np
     from helpers import fake_dataset, tiny_config
 
-    from mim4dd_jax import data, distill, sharding
+    from mim4dd_jax import data, sharding
+    from mim4dd_jax import state as state_lib
+    from mim4dd_jax import steps as steps_lib
 
     arg, num_classes, overrides = CASES[name]
     config = tiny_config(arg, **overrides)
     dataset = fake_dataset(num_classes, 12, 8)
     mesh = sharding.mesh_from_config(config)
     key = jax.random.key(0)
-    state = distill.init_state(jax.random.fold_in(key, 0), dataset, config)
+    state = state_lib.init_state(jax.random.fold_in(key, 0), dataset, config)
     old = np.array(state["images"], copy=True)
-    state = distill.place_state(state, mesh, config)
+    state = state_lib.place_state(state, mesh, config)
     everywhere = sharding.replicated(mesh)
     real = sharding.put(np.asarray(dataset.train_images), everywhere)
     experts = None
     if config.method == "mtt":
         experts = sharding.put(fake_trajectories(config, dataset), everywhere)
     index = data.class_index(dataset.train_labels, dataset.num_classes)
-    step = distill.make_step(config, dataset)
+    step = steps_lib.make_step(config, dataset)
     new, metrics = step(state, jax.random.fold_in(key, 100), real, index, experts)
     images = np.asarray(new["images"])
     out = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
@@ -102,12 +104,13 @@ def plan_error() -> str:
     """The ConfigError of mesh.shard_synthetic with 3 * 2 synthetic images on this mesh."""
     from helpers import tiny_config
 
-    from mim4dd_jax import distill, sharding
+    from mim4dd_jax import sharding
+    from mim4dd_jax import state as state_lib
     from mim4dd_jax.errors import ConfigError
 
     config = tiny_config("dm,ipc2", **{"mesh.shard_synthetic": True})
     try:
-        distill.check_plan(config, 3, sharding.mesh_from_config(config))
+        state_lib.check_plan(config, 3, sharding.mesh_from_config(config))
     except ConfigError as e:
         return str(e)
     return ""

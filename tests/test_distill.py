@@ -11,7 +11,9 @@ import optax
 import pytest
 from helpers import fake_dataset, run_cli, tiny_config
 
-from mim4dd_jax import augment, data, distill, evaluate, inner, objectives
+from mim4dd_jax import augment, data, evaluate, inner, models, objectives, steps_dc
+from mim4dd_jax import state as state_lib
+from mim4dd_jax import steps as steps_lib
 from mim4dd_jax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,9 +35,11 @@ def make_config(method, **overrides):
 def run_steps(config, dataset, n, step=None, state=None):
     """n steps from init_state(fold_in(KEY, 0)); returns (state, host metrics per step, step)."""
     state = (
-        distill.init_state(jax.random.fold_in(KEY, 0), dataset, config) if state is None else state
+        state_lib.init_state(jax.random.fold_in(KEY, 0), dataset, config)
+        if state is None
+        else state
     )
-    step = distill.make_step(config, dataset) if step is None else step
+    step = steps_lib.make_step(config, dataset) if step is None else step
     real = jnp.asarray(dataset.train_images)
     index = data.class_index(dataset.train_labels, C)
     history = []
@@ -63,7 +67,7 @@ def dm_runs(dataset):
     """DM with mi.weight 0 and > 0, 3 steps each (the step functions are reused below)."""
     base = run_steps(make_config("dm"), dataset, 3)
     cfg_mi = make_config("dm", **{"mi.weight": 0.5})
-    init = distill.init_state(jax.random.fold_in(KEY, 0), dataset, cfg_mi)
+    init = state_lib.init_state(jax.random.fold_in(KEY, 0), dataset, cfg_mi)
     heads0 = host(init["heads"])
     with_mi = run_steps(cfg_mi, dataset, 3, state=init)
     return base, with_mi, heads0
@@ -71,7 +75,7 @@ def dm_runs(dataset):
 
 def pure_dm(dataset, config, n):
     """DM written directly from objectives + optax, with the key layout distill documents."""
-    model = distill.step_model(config, C)
+    model = steps_lib.step_model(config, C)
     strategy = augment.strategy_for_dataset(config.dsa.strategy, dataset.name)
     real = jnp.asarray(dataset.train_images)
     index = data.class_index(dataset.train_labels, C)
@@ -89,7 +93,7 @@ def pure_dm(dataset, config, n):
         updates, opt = tx.update(g, opt, images)
         return optax.apply_updates(images, updates), opt, loss
 
-    images = distill.init_state(jax.random.fold_in(KEY, 0), dataset, config)["images"]
+    images = state_lib.init_state(jax.random.fold_in(KEY, 0), dataset, config)["images"]
     opt, losses = tx.init(images), []
     for it in range(n):
         images, opt, loss = one(images, opt, jax.random.fold_in(KEY, 100 + it))
@@ -98,9 +102,9 @@ def pure_dm(dataset, config, n):
 
 
 def test_dm_step_uses_the_hybrid_conv_on_cpu_and_loops_keep_auto():
-    assert distill.step_model(make_config("dm"), C).conv_impl == "hybrid"
-    assert distill.step_model(make_config("dsa"), C).conv_impl == "auto"
-    assert distill.step_model(make_config("dm", conv_impl="im2col"), C).conv_impl == "im2col"
+    assert steps_lib.step_model(make_config("dm"), C).conv_impl == "hybrid"
+    assert steps_lib.step_model(make_config("dsa"), C).conv_impl == "auto"
+    assert steps_lib.step_model(make_config("dm", conv_impl="im2col"), C).conv_impl == "im2col"
 
 
 def test_evaluation_trains_convnets_with_the_hybrid_conv_on_cpu():
@@ -111,7 +115,7 @@ def test_evaluation_trains_convnets_with_the_hybrid_conv_on_cpu():
     vmapped = make_config("dsa", **{"eval.parallel": "vmap"})
     assert evaluate.eval_model(vmapped, C).conv_impl == "auto"
     # Distillation's own model is untouched (its loops keep im2col).
-    assert evaluate.build_model(make_config("dsa"), C).conv_impl == "auto"
+    assert models.build_model(make_config("dsa"), C).conv_impl == "auto"
 
 
 def test_dm_with_mi_weight_zero_is_the_pure_base_method(dataset, dm_runs):
@@ -139,7 +143,7 @@ def test_mi_heads_learn_and_the_estimate_is_finite(dm_runs):
 def test_dm_steps_reduce_the_loss_on_fixed_networks(dataset, dm_runs):
     (_, _, step), _, _ = dm_runs
     config = make_config("dm", **{"distill.init": "noise"})
-    model = evaluate.build_model(config, C)
+    model = models.build_model(config, C)
     real_x = jnp.asarray(dataset.train_images).reshape(C, PER_CLASS, HW, HW, 1)
     nets = [inner.init_variables(model, jax.random.key(7 + i), (HW, HW, 1)) for i in range(3)]
 
@@ -148,7 +152,7 @@ def test_dm_steps_reduce_the_loss_on_fixed_networks(dataset, dm_runs):
         syn = images.reshape(C, IPC, HW, HW, 1)
         return sum(objectives.dm_loss(v, real_x, syn, KEY, model=model) for v in nets)
 
-    state = distill.init_state(jax.random.fold_in(KEY, 0), dataset, config)
+    state = state_lib.init_state(jax.random.fold_in(KEY, 0), dataset, config)
     before = float(held_out_loss(state["images"]))
     state, _, _ = run_steps(config, dataset, 10, step=step, state=state)
     after = float(held_out_loss(state["images"]))
@@ -161,7 +165,7 @@ def test_dsa_with_mi_weight_zero_keeps_the_base_streams_and_mi_changes_images(da
     assert "mi" not in history[0] and step._cache_size() == 1
     assert history[0]["base_loss_outer"].shape == (2,)
     cfg_mi = make_config("dsa", **{"mi.weight": 0.5})
-    init = distill.init_state(jax.random.fold_in(KEY, 0), dataset, cfg_mi)
+    init = state_lib.init_state(jax.random.fold_in(KEY, 0), dataset, cfg_mi)
     heads0 = host(init["heads"])
     mi_state, mi_history, _ = run_steps(cfg_mi, dataset, 2, state=init)
     # Same network, real batch and DSA views at the first outer step: the MI term drew no
@@ -176,13 +180,13 @@ def test_dsa_with_mi_weight_zero_keeps_the_base_streams_and_mi_changes_images(da
 
 def test_inner_loop_training_lowers_the_synthetic_cross_entropy(dataset):
     config = make_config("dc")
-    model = evaluate.build_model(config, C)
-    state = distill.init_state(jax.random.fold_in(KEY, 0), dataset, config)
+    model = models.build_model(config, C)
+    state = state_lib.init_state(jax.random.fold_in(KEY, 0), dataset, config)
     images, labels = state["images"], state["labels"]
     variables = inner.init_variables(model, jax.random.key(3), (HW, HW, 1))
     ce = lambda v: float(jnp.mean(inner.cross_entropy(model.apply(v, images), labels)))
     trained = jax.jit(
-        lambda v, k: distill.train_on_synthetic(
+        lambda v, k: steps_dc.train_on_synthetic(
             v, images, labels, k, model=model, epochs=10, batch_size=4, lr=0.01, strategy=None
         )
     )(variables, jax.random.key(4))
@@ -191,7 +195,7 @@ def test_inner_loop_training_lowers_the_synthetic_cross_entropy(dataset):
 
 def test_unknown_optimizer_is_a_config_error():
     with pytest.raises(ConfigError, match="'bogus'.*'sgd'"):
-        distill.make_optimizer("bogus", 0.1)
+        state_lib.make_optimizer("bogus", 0.1)
 
 
 def test_cli_unknown_optimizer_gives_one_line_and_exit_code_2(tmp_path):

@@ -12,6 +12,8 @@ import pytest
 from helpers import SMALL_NET, tiny_config
 
 from mim4dd_jax import distill
+from mim4dd_jax import state as state_lib
+from mim4dd_jax import steps as steps_lib
 from mim4dd_jax.errors import ConfigError
 
 C, HW = 3, 8
@@ -35,7 +37,7 @@ def config_for(fake_npz, ipc, **overrides):
 
 def interrupt_at(monkeypatch, call):
     """Makes the step send this process SIGTERM right after its ``call``-th call (0-based)."""
-    make_step = distill.make_step
+    make_step = steps_lib.make_step
 
     def patched(config, dataset):
         step, calls = make_step(config, dataset), [0]
@@ -50,7 +52,7 @@ def interrupt_at(monkeypatch, call):
         wrapped._cache_size = step._cache_size
         return wrapped
 
-    monkeypatch.setattr(distill, "make_step", patched)
+    monkeypatch.setattr(steps_lib, "make_step", patched)
 
 
 def read(path):
@@ -123,7 +125,7 @@ def test_growth_keeps_the_loaded_images_bit_identical(fake_npz, tmp_path):
             kept = new[key].reshape(C, 3, HW, HW, 1)[:, 0]
             np.testing.assert_array_equal(kept, old[key])  # bit-identical
         np.testing.assert_array_equal(new["labels"], np.repeat(np.arange(C), 3))
-        init = distill.init_state(jax.random.key(0), _dataset_of(config), config)
+        init = state_lib.init_state(jax.random.key(0), _dataset_of(config), config)
         fresh = np.asarray(init["images"]).reshape(C, 3, HW, HW, 1)[:, 1:]
         learned = new["model_images"].reshape(C, 3, HW, HW, 1)[:, 1:]
         assert np.max(np.abs(learned - fresh)) > 1e-4  # the new images did learn
@@ -149,4 +151,4 @@ def test_bad_init_file_is_one_clear_error(fake_npz, tmp_path, bad, message):
     np.savez(path, **bad)
     config = config_for(fake_npz, 1, **{"distill.init_from": str(path)})
     with pytest.raises(ConfigError, match=message):
-        distill.read_init(str(path), _dataset_of(config), config)
+        state_lib.read_init(str(path), _dataset_of(config), config)

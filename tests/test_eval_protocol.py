@@ -13,7 +13,8 @@ import pytest
 from helpers import ROOT, fake_dataset, tiny_config
 from jax.flatten_util import ravel_pytree
 
-from mim4dd_jax import augment, distill, evaluate, inner, models
+from mim4dd_jax import augment, evaluate, inner, models
+from mim4dd_jax import state as state_lib
 
 C, PER_CLASS, HW = 3, 12, 8
 
@@ -135,7 +136,7 @@ class Linear(nn.Module):
 
 
 def test_eval_dsa_trains_the_models_with_dsa(dataset, monkeypatch):
-    monkeypatch.setattr(evaluate, "build_model", lambda config, num_classes, name=None: Linear(C))
+    monkeypatch.setattr(models, "build_model", lambda config, num_classes, name=None: Linear(C))
     plain = accuracies(dataset, eval_config(**{"eval.dsa": False}))
     with_dsa = accuracies(dataset, eval_config(**{"eval.dsa": True}))
     assert not np.array_equal(with_dsa, plain), (with_dsa, plain)
@@ -180,7 +181,7 @@ def test_eval_dsa_passes_the_per_sample_dsa_of_the_config(dataset, monkeypatch):
 def test_repeated_dsa_evaluations_compile_once(dataset, monkeypatch):
     # run() evaluates every distill.eval_every iterations: with eval.dsa each call must hit the
     # jit cache, not compile the whole training program again.
-    monkeypatch.setattr(evaluate, "build_model", lambda config, num_classes, name=None: Linear(C))
+    monkeypatch.setattr(models, "build_model", lambda config, num_classes, name=None: Linear(C))
     config = eval_config(**{"eval.dsa": True, "eval.num_models": 1, "eval.epochs": 0})
     accuracies(dataset, config)
     before = inner.train_and_test_many._cache_size()
@@ -215,18 +216,18 @@ def test_evaluate_from_config_uses_the_lr_it_is_given(dataset, monkeypatch):
 
 
 def test_an_mtt_state_is_evaluated_with_its_own_lr_and_the_others_with_eval_lr():
-    """distill.run evaluates with distill.student_lr(state); after MTT steps that is the learned
+    """distill.run evaluates with state_lib.student_lr(state); after MTT steps that is the learned
     lr (tests/test_resume_methods.py checks the lr a real MTT run evaluates with)."""
     dataset = fake_dataset(C, PER_CLASS, HW)
     lrs = {"mtt.lr_teacher": 0.02, "eval.lr": 0.01}
     mtt = tiny_config("mtt,ipc1", **lrs)
-    state = distill.init_state(jax.random.key(0), dataset, mtt)
+    state = state_lib.init_state(jax.random.key(0), dataset, mtt)
     assert mtt.mtt.learn_lr
-    np.testing.assert_allclose(distill.student_lr(state, mtt), 0.02, rtol=1e-6)
+    np.testing.assert_allclose(state_lib.student_lr(state, mtt), 0.02, rtol=1e-6)
     for method in ("dm", "dc", "dsa"):
         config = tiny_config(f"{method},ipc1", **lrs)
         assert (
-            distill.student_lr(distill.init_state(jax.random.key(0), dataset, config), config)
+            state_lib.student_lr(state_lib.init_state(jax.random.key(0), dataset, config), config)
             == 0.01
         )
 

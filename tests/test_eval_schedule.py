@@ -7,7 +7,7 @@ import json
 import pytest
 from helpers import SMALL_NET, tiny_config
 
-from mim4dd_jax import distill, evaluate, io
+from mim4dd_jax import artifacts, distill, evaluate
 
 C, HW = 3, 8
 
@@ -45,7 +45,7 @@ def test_iteration_zero_is_evaluated_plotted_and_final_and_best_are_labelled(
     workdir = tmp_path / "run"
     summary = distill.run(config_for(fake_npz), str(workdir))
 
-    history = io.accuracy_history(str(workdir))
+    history = artifacts.accuracy_history(str(workdir))
     assert sorted(history["convnet"]) == [0, 2, 3]
     assert plotted[-1] == [0, 2, 3]  # accuracy.png's curve starts at the initial set
     for it in (0, 2, 3):
@@ -77,7 +77,7 @@ def test_final_and_best_pick_the_last_and_the_highest_evaluation():
             20: {"mean": 0.7, "std": 0.0, "all": [0.7]},
         }
     }
-    out = io.final_and_best(curves)
+    out = artifacts.final_and_best(curves)
     assert out["final"]["convnet"] == {"mean": 0.7, "std": 0.0, "all": [0.7], "iteration": 20}
     assert out["best"]["convnet"] == {"mean": 0.8, "std": 0.1, "all": [0.8], "iteration": 10}
 
@@ -93,12 +93,12 @@ def test_a_resumed_run_does_not_evaluate_a_logged_iteration_again(fake_npz, tmp_
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(distill.evaluate_lib, "evaluate_from_config", counting)
+    monkeypatch.setattr(evaluate, "evaluate_from_config", counting)
     # Continue the finished run to 4 iterations: it resumes at 2 (evaluated already, at the
     # end of the first run), so only iteration 4 is evaluated.
     distill.run(config_for(fake_npz, **{"distill.iterations": 4}), workdir)
     assert len(calls) == 1
-    assert sorted(io.accuracy_history(workdir)["convnet"]) == [0, 2, 4]
+    assert sorted(artifacts.accuracy_history(workdir)["convnet"]) == [0, 2, 4]
 
 
 def test_eval_at_adds_the_listed_iterations(fake_npz, tmp_path):
@@ -107,7 +107,7 @@ def test_eval_at_adds_the_listed_iterations(fake_npz, tmp_path):
     config = config_for(fake_npz, **{"distill.eval_every": 0, "distill.eval_at": (0, 2)})
     workdir = tmp_path / "run"
     distill.run(config, str(workdir))
-    assert sorted(io.accuracy_history(str(workdir))["convnet"]) == [0, 2, 3]
+    assert sorted(artifacts.accuracy_history(str(workdir))["convnet"]) == [0, 2, 3]
     from mim4dd_jax import config as config_lib
     from mim4dd_jax.errors import ConfigError
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from helpers import run_cli
 
+from mim4dd_jax import artifacts, data, evaluate, evaluate_run, inner
 from mim4dd_jax import config as config_lib
-from mim4dd_jax import data, evaluate, evaluate_run, inner, io
 from mim4dd_jax.errors import ConfigError
 
 C, HW = 3, 8
@@ -72,7 +72,7 @@ def test_evaluates_our_set_as_the_protocol_does(tmp_path, data_path):
     model_images = ds.train_images[:6] + 0.25  # not a copy of the train split
     soft = np.asarray(jax.nn.softmax(jax.random.normal(jax.random.key(0), (6, C))), np.float32)
     os.makedirs(tmp_path / "set")
-    io.save_synthetic_set(
+    artifacts.save_synthetic_set(
         str(tmp_path / "set"),
         ds.to_pixels(model_images),
         soft,
@@ -97,7 +97,7 @@ def test_evaluates_our_set_as_the_protocol_does(tmp_path, data_path):
     table = (workdir / "results.md").read_text()
     mean, std = 100 * expected[0].mean, 100 * expected[0].std
     assert f"| convnet | {mean:.2f} ± {std:.2f} | 2 | 2 | no | 0.037 (set) |" in table
-    rows = io.read_metrics(str(workdir / "metrics.jsonl"))
+    rows = artifacts.read_metrics(str(workdir / "metrics.jsonl"))
     assert rows[-1]["accuracy"]["convnet"]["all"] == summary["accuracy"]["convnet"]["all"]
     assert (workdir / "grid.png").stat().st_size > 0
 
@@ -208,7 +208,7 @@ def test_refuses_the_workdir_of_another_run(tmp_path, data_path, monkeypatch):
     spy(monkeypatch)
     np.savez(tmp_path / "s.npz", images=np.zeros((3, HW, HW, 1)), labels=np.arange(3))
     config = eval_config(data_path, tmp_path / "s.npz")
-    io.write_json(str(tmp_path / "results.json"), {"method": "dm", "accuracy": {}})
+    artifacts.write_json(str(tmp_path / "results.json"), {"method": "dm", "accuracy": {}})
     with pytest.raises(ConfigError, match="holds another run's results"):
         evaluate_run.run(config, str(tmp_path))
     own = tmp_path / "own"
@@ -317,7 +317,7 @@ def test_our_own_set_beyond_1_needs_no_flag_and_logs_no_warning(tmp_path, data_p
     model_images = ds.from_pixels(pixels)
     assert pixels.max() > 2 and pixels.min() < -0.5
     os.makedirs(tmp_path / "set")
-    io.save_synthetic_set(
+    artifacts.save_synthetic_set(
         str(tmp_path / "set"), pixels, np.array([0, 0, 1, 1, 2, 2]), C, lr=0.01, config={}
     )
     with np.load(tmp_path / "set" / "distilled.npz") as f:

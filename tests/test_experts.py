@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mim4dd_jax import config as config_lib
-from mim4dd_jax import data, evaluate, experts, inner
+from mim4dd_jax import data, experts, inner, models
 from mim4dd_jax.errors import ConfigError
 
 C, PER_CLASS, HW = 3, 12, 8
@@ -61,7 +61,7 @@ def fresh(npz_path, tmp_path_factory):
 def test_trajectory_rows_start_at_the_documented_init(npz_path, fresh):
     folder, summary = fresh
     config = make_config(npz_path)
-    model = evaluate.build_model(config, C)
+    model = models.build_model(config, C)
     for i in range(2):
         rec = read(folder, i)
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), i), 0)
@@ -135,7 +135,7 @@ def test_load(npz_path, fresh, tmp_path):
     assert loaded.trajectories.shape == (2, 3, loaded.meta["num_params"])
     np.testing.assert_array_equal(loaded.trajectories[1], read(folder, 1)["params"])
     params = loaded.unravel(loaded.trajectories[0, -1])
-    model = evaluate.build_model(config, C)
+    model = models.build_model(config, C)
     init = jax.eval_shape(lambda: inner.init_variables(model, jax.random.key(1), (HW, HW, 1)))
     assert jax.tree.structure(params) == jax.tree.structure(init["params"])
     assert jax.tree.map(np.shape, params) == jax.tree.map(lambda s: s.shape, init["params"])

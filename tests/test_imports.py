@@ -107,3 +107,18 @@ def test_the_mi_package_layers_import_one_way():
         inside = {d for d in graph[f"{PACKAGE}.mi.{name}"] if d.startswith(f"{PACKAGE}.mi")}
         assert inside <= {f"{PACKAGE}.mi.{lower}" for lower in order[:i]}, (name, inside)
     assert f"{PACKAGE}.mi.loss" in graph[f"{PACKAGE}.mi"]  # the package re-exports the layers
+
+
+def test_the_method_registry_sits_on_the_bottom_floor():
+    # state and config read the records; the registry must not reach back into the step code.
+    assert import_graph()["mim4dd_jax.methods"] <= {"mim4dd_jax.errors"}
+
+
+def test_no_module_outgrows_one_concept():
+    # About 600 lines at most (issue 27).
+    sizes = {}
+    for module, path in _modules().items():
+        with open(path) as f:
+            sizes[module] = sum(1 for _ in f)
+    big = {m: n for m, n in sizes.items() if n > 650}
+    assert not big, big

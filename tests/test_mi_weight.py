@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from helpers import fake_dataset, tiny_config
 
-from mim4dd_jax import augment, data, distill, experts, inner, mi, objectives, state, steps
+from mim4dd_jax import augment, data, experts, inner, mi, objectives, state, steps
+from mim4dd_jax import state as state_lib
+from mim4dd_jax import steps as steps_lib
 
 C, PER_CLASS, HW, IPC = 3, 12, 8, 2
 KEY = jax.random.key(0)
@@ -34,7 +36,7 @@ def make_config(method, **overrides):
 
 def fake_trajectories(config, ds):
     """[2, 4, P]: a random init and three small random moves from it, per expert."""
-    model = distill.step_model(config, C)
+    model = steps_lib.step_model(config, C)
     p = experts.num_params(model, ds.image_shape)
     start = jax.random.normal(jax.random.key(5), (2, 1, p)) * 0.1
     moves = jnp.cumsum(jax.random.normal(jax.random.key(6), (2, 3, p)) * 0.01, axis=1)
@@ -43,7 +45,7 @@ def fake_trajectories(config, ds):
 
 def one_step(config, ds, n=1, st=None):
     """n steps from init_state(fold_in(KEY, 0)): (initial state on host, state, last metrics)."""
-    st = distill.init_state(jax.random.fold_in(KEY, 0), ds, config) if st is None else st
+    st = state_lib.init_state(jax.random.fold_in(KEY, 0), ds, config) if st is None else st
     init = jax.tree.map(lambda a: np.array(a, copy=True), st)
     step = steps.make_step(config, ds)
     real, index = jnp.asarray(ds.train_images), data.class_index(ds.train_labels, C)
@@ -62,7 +64,7 @@ def test_an_absolute_weight_step_is_base_plus_weight_times_mi_by_hand(dataset):
     # The DM step written out: keys fold_in(key, 0|1|2) = real batch, network, DSA views.
     key = jax.random.fold_in(KEY, 100)
     rk, nk, ak = (jax.random.fold_in(key, i) for i in range(3))
-    model = distill.step_model(config, C)
+    model = steps_lib.step_model(config, C)
     strategy = augment.strategy_for_dataset(config.dsa.strategy, dataset.name)
     index = data.class_index(dataset.train_labels, C)
     n_real = int(config.distill.batch_real)
@@ -155,8 +157,8 @@ def test_twenty_steps_at_rho_0_3_move_the_images_measurably(dataset):
 
 def test_an_image_step_with_frozen_heads_raises_the_mi_estimate(dataset):
     config = make_config("dm", **{"mi.weight": 1.0})
-    st = distill.init_state(jax.random.fold_in(KEY, 0), dataset, config)
-    model = distill.step_model(config, C)
+    st = state_lib.init_state(jax.random.fold_in(KEY, 0), dataset, config)
+    model = steps_lib.step_model(config, C)
     variables = inner.init_variables(model, jax.random.key(3), dataset.image_shape)
     index = data.class_index(dataset.train_labels, C)
     real_x = jnp.asarray(dataset.train_images)[data.sample_per_class(jax.random.key(4), index, 5)]
@@ -185,7 +187,7 @@ def test_mtt_lr_and_labels_get_no_mi_gradient(dataset):
     base_cfg = make_config("mtt")
     mi_cfg = make_config("mtt", **{"mi.weight": 0.3, "mi.weight_mode": "relative"})
     _, base, _ = one_step(base_cfg, dataset)
-    st = distill.init_state(jax.random.fold_in(KEY, 0), dataset, mi_cfg)
+    st = state_lib.init_state(jax.random.fold_in(KEY, 0), dataset, mi_cfg)
     _, with_mi, metrics = one_step(mi_cfg, dataset, st=st)
     assert float(metrics["grad_ratio"]) == pytest.approx(0.3, rel=1e-5)
     for name in ("syn_lr", "labels"):
@@ -198,7 +200,7 @@ def test_mtt_lr_and_labels_get_no_mi_gradient(dataset):
 def test_soft_mask_uses_the_learned_label_probabilities(dataset):
     hard = make_config("mtt", **{"mi.weight": 0.3})
     soft = make_config("mtt", **{"mi.weight": 0.3, "mi.mask": "soft"})
-    st = distill.init_state(jax.random.fold_in(KEY, 0), dataset, soft)
+    st = state_lib.init_state(jax.random.fold_in(KEY, 0), dataset, soft)
     # Learned labels that are far from one-hot, so the soft positives differ from the hard ones.
     st["labels"] = jnp.asarray(st["labels"]) * 0.0 + jax.random.normal(
         jax.random.key(9), st["labels"].shape

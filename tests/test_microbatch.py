@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from helpers import fake_dataset, tiny_config
 
-from mim4dd_jax import evaluate, inner, models
+from mim4dd_jax import inner, models
 from mim4dd_jax.errors import ConfigError
 
 N, HW, K = 10, 8, 3  # 10 images in chunks of 4: two full chunks and a padded one
@@ -101,7 +101,7 @@ def test_evaluation_training_with_microbatch_matches_and_the_field_is_validated(
     accs = {}
     for chunk in (0, 4):
         config = tiny_config("dm,ipc1", **{"microbatch": chunk, "eval.epochs": 3})
-        model = evaluate.build_model(config, K)
+        model = models.build_model(config, K)
         assert model.microbatch == chunk
         variables = inner.train_classifier(
             jax.random.key(3),

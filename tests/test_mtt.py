@@ -13,7 +13,9 @@ import pytest
 from helpers import fake_dataset, run_cli, tiny_config
 from jax.flatten_util import ravel_pytree
 
-from mim4dd_jax import augment, data, distill, evaluate, inner, objectives
+from mim4dd_jax import augment, data, inner, models, objectives
+from mim4dd_jax import state as state_lib
+from mim4dd_jax import steps as steps_lib
 from mim4dd_jax.errors import ConfigError
 
 C, PER_CLASS, HW, IPC, EXPERTS, EPOCHS = 3, 12, 8, 2, 2, 3
@@ -40,7 +42,7 @@ def make_config(**overrides):
 @pytest.fixture(scope="module")
 def trajectories(dataset):
     """[EXPERTS, EPOCHS + 1, P]: SGD epochs on the fake train split from two inits."""
-    model = evaluate.build_model(make_config(), C)
+    model = models.build_model(make_config(), C)
     x, y = jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels)
     out = []
     for e in range(EXPERTS):
@@ -64,9 +66,11 @@ def trajectories(dataset):
 
 def run_steps(config, dataset, trajectories, n, state=None):
     state = (
-        distill.init_state(jax.random.fold_in(KEY, 0), dataset, config) if state is None else state
+        state_lib.init_state(jax.random.fold_in(KEY, 0), dataset, config)
+        if state is None
+        else state
     )
-    step = distill.make_step(config, dataset)
+    step = steps_lib.make_step(config, dataset)
     real, index = jnp.asarray(dataset.train_images), data.class_index(dataset.train_labels, C)
     history = []
     for it in range(n):
@@ -77,12 +81,12 @@ def run_steps(config, dataset, trajectories, n, state=None):
 
 def test_mtt_step_is_the_objective_written_out(dataset, trajectories):
     config = make_config()
-    init = distill.init_state(jax.random.fold_in(KEY, 0), dataset, config)
+    init = state_lib.init_state(jax.random.fold_in(KEY, 0), dataset, config)
     images0, lr0 = np.array(init["images"]), np.array(init["syn_lr"])
     state, history, _ = run_steps(config, dataset, trajectories, 1, state=init)
 
     # By hand, with the key layout distill documents.
-    model = evaluate.build_model(config, C)
+    model = models.build_model(config, C)
     _, unravel = ravel_pytree(inner.init_variables(model, KEY, (HW, HW, 1))["params"])
     key = jax.random.fold_in(KEY, 100)
     pair_key, unroll_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
@@ -124,7 +128,7 @@ def test_mtt_step_is_the_objective_written_out(dataset, trajectories):
 
 def test_mtt_with_mi_and_two_trajectories_learns_heads_and_compiles_once(dataset, trajectories):
     config = make_config(**{"mi.weight": 0.5, "mtt.num_trajectories": 2})
-    init = distill.init_state(jax.random.fold_in(KEY, 0), dataset, config)
+    init = state_lib.init_state(jax.random.fold_in(KEY, 0), dataset, config)
     proj0 = jax.tree.map(np.array, [h["proj"] for h in init["heads"]])
     state, history, step = run_steps(config, dataset, trajectories, 2, state=init)
     for m in history:
@@ -139,19 +143,19 @@ def test_mtt_with_mi_and_two_trajectories_learns_heads_and_compiles_once(dataset
 
 def test_mtt_soft_labels_are_learned(dataset, trajectories):
     config = make_config(**{"mtt.learn_labels": True, "mtt.lr_labels": 10.0})
-    init = distill.init_state(jax.random.fold_in(KEY, 0), dataset, config)
+    init = state_lib.init_state(jax.random.fold_in(KEY, 0), dataset, config)
     logits0 = np.array(init["labels"])
     assert logits0.shape == (C * IPC, C)
     np.testing.assert_array_equal(logits0.argmax(-1), np.repeat(np.arange(C), IPC))
     state, _, _ = run_steps(config, dataset, trajectories, 2, state=init)
     assert np.max(np.abs(np.asarray(state["labels"]) - logits0)) > 0
-    probs = distill.eval_labels(state)
+    probs = state_lib.eval_labels(state)
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
 
 
 def test_mtt_refuses_batch_norm_and_soft_labels_elsewhere(dataset):
     with pytest.raises(ConfigError, match="batch statistics.*'batch'"):
-        distill.make_step(make_config(**{"model.norm": "batch"}), dataset)
+        steps_lib.make_step(make_config(**{"model.norm": "batch"}), dataset)
     from mim4dd_jax import config as config_lib
 
     with pytest.raises(ConfigError, match="mtt.learn_labels"):
@@ -208,7 +212,7 @@ def _joint_image_gradient(config, dataset, trajectories, images0, heads, weight)
     the key layout steps_mtt documents."""
     from mim4dd_jax import mi, state, steps, steps_core
 
-    model = evaluate.build_model(config, C)
+    model = models.build_model(config, C)
     _, unravel = ravel_pytree(inner.init_variables(model, KEY, (HW, HW, 1))["params"])
     key = jax.random.fold_in(KEY, 100)
     pair_key, unroll_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
@@ -265,7 +269,7 @@ def test_mi_through_the_unroll_is_autodiff_of_the_joint_loss(dataset, trajectori
         config = make_config(
             **{"mi.weight": weight, "mi.through_unroll": through, "mi.heads": "per_side"}
         )
-        init = distill.init_state(jax.random.fold_in(KEY, 0), dataset, config)
+        init = state_lib.init_state(jax.random.fold_in(KEY, 0), dataset, config)
         images0 = np.array(init["images"])
         heads = jax.tree.map(np.array, init["heads"])
         state, histories[through], _ = run_steps(config, dataset, trajectories, 1, state=init)

@@ -103,12 +103,12 @@ def test_init_from_names_what_the_file_is(tmp_path, kind):
 
 
 def test_a_run_made_before_the_field_existed_still_resumes(tmp_path):
-    from mim4dd_jax import distill, io
+    from mim4dd_jax import artifacts, distill
 
     config = tiny_config(f"dm,ipc{IPC}")
     old = distill._config_fingerprint(config)
     del old["distill.init_from_range"]
-    io.write_json(str(tmp_path / "config.json"), old)
+    artifacts.write_json(str(tmp_path / "config.json"), old)
     distill.check_same_run(str(tmp_path), config)  # the same run
     config.distill.init_from_range = "0_255"
     with pytest.raises(ConfigError, match="distill.init_from_range=None, not '0_255'"):

@@ -18,7 +18,9 @@ from helpers import ROOT, cli_command, cli_env, fake_dataset, tiny_config
 from jax.flatten_util import ravel_pytree
 
 from mim4dd_jax import config as config_lib
-from mim4dd_jax import data, distill, evaluate, inner, objectives
+from mim4dd_jax import data, evaluate, inner, models, objectives
+from mim4dd_jax import state as state_lib
+from mim4dd_jax import steps as steps_lib
 from mim4dd_jax.errors import ConfigError
 
 # ----------------------------------------------------------------------------------------------
@@ -148,7 +150,7 @@ class _TinyMTT:
     def __init__(self):
         self.dataset = fake_dataset(C, 12, HW)
         self.config = tiny_config(f"mtt,ipc{IPC}", **MTT)
-        self.model = evaluate.build_model(self.config, C)
+        self.model = models.build_model(self.config, C)
         variables = inner.init_variables(self.model, jax.random.key(1), (HW, HW, 1))
         p0, self.unravel = ravel_pytree(variables["params"])
         walk = 0.01 * jax.random.normal(jax.random.key(2), (2, 3, p0.size))
@@ -181,7 +183,7 @@ class _TinyMTT:
         return float(grad)
 
     def step(self, config):
-        step = distill.make_step(config, self.dataset)
+        step = steps_lib.make_step(config, self.dataset)
         real = jnp.asarray(self.dataset.train_images)
         index = data.class_index(self.dataset.train_labels, C)
         return lambda state, key: step(state, key, real, index, self.trajectories)
@@ -192,7 +194,7 @@ def test_mtt_lr_follows_reference_sgd_momentum_at_twice_the_initial_lr():
     alpha0 = tiny.config.mtt.lr_teacher
     alpha = 2 * alpha0  # where a step on log(lr) scaled for alpha0 would be 4x too large
     keys = [jax.random.fold_in(KEY, 100 + i) for i in range(2)]
-    state = distill.init_state(jax.random.fold_in(KEY, 0), tiny.dataset, tiny.config)
+    state = state_lib.init_state(jax.random.fold_in(KEY, 0), tiny.dataset, tiny.config)
     np.testing.assert_allclose(state["syn_lr"], alpha0, rtol=1e-7)
     state["syn_lr"] = jnp.float32(alpha)
     images0 = np.array(state["images"])
@@ -218,7 +220,7 @@ def test_mtt_lr_follows_reference_sgd_momentum_at_twice_the_initial_lr():
     buf = 0.5 * buf + g2
     expected = expected - lr_lr * buf
     np.testing.assert_allclose(state["syn_lr"], expected, rtol=1e-5)
-    assert distill.student_lr(state, config) == pytest.approx(expected, rel=1e-5)
+    assert state_lib.student_lr(state, config) == pytest.approx(expected, rel=1e-5)
 
     # A step that would take the lr to <= 0 (the reference would go on with it) is rejected:
     # the state is kept and the step counts as skipped. Here a large momentum buffer does it.

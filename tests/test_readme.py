@@ -39,7 +39,7 @@ def _check_mi_block(ns):
 
 def _check_method_block(ns):
     """'Adding a base method': the toy method ran one guarded step with the MI term."""
-    from mim4dd_jax import steps
+    from mim4dd_jax import methods
 
     try:
         assert ns["s"]["images"].shape == (3 * 2, 8, 8, 1)
@@ -47,14 +47,14 @@ def _check_method_block(ns):
         assert int(ns["metrics"]["skipped"]) == 0
         assert float(ns["metrics"]["loss"]) != float(ns["metrics"]["base_loss"])  # MI is in
     finally:
-        steps._BUILDERS.pop("mean", None)  # the registry is per process: leave it as it was
+        methods._REGISTRY.pop("mean", None)  # the registry is per process: leave it as it was
 
 
 # A marker found in exactly one block -> the checks of that block's promises.
 CHECKS = {
     "out.logits [8,10]": _check_library_block,
     "mi.mi_loss(": _check_mi_block,
-    "steps.register(": _check_method_block,
+    "methods.register(": _check_method_block,
 }
 
 

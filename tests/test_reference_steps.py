@@ -13,7 +13,9 @@ import pytest
 from helpers import fake_dataset, tiny_config
 from jax.flatten_util import ravel_pytree
 
-from mim4dd_jax import augment, data, distill, evaluate, inner, objectives
+from mim4dd_jax import augment, data, inner, models, objectives
+from mim4dd_jax import state as state_lib
+from mim4dd_jax import steps as steps_lib
 
 C, PER_CLASS, HW, IPC = 3, 12, 8, 2
 KEY = jax.random.key(0)
@@ -54,8 +56,8 @@ def reference_dc(dataset, config, n_iterations):
     a fresh real batch, per-class gradient matching (siamese DSA with one key per class), an
     SGD+momentum image update, then (except after the last) ``inner_loop`` epochs of plain SGD
     on the updated synthetic set. Returns (images, [base loss per outer step] per iteration)."""
-    model = distill.step_model(config, C)
-    strategy = distill.matching_strategy(config, dataset.name)
+    model = steps_lib.step_model(config, C)
+    strategy = steps_lib.matching_strategy(config, dataset.name)
     d = config.distill
     outer, epochs, n_real = d.outer_loop, d.inner_loop, d.batch_real
     real = jnp.asarray(dataset.train_images)
@@ -121,7 +123,7 @@ def reference_dc(dataset, config, n_iterations):
                 params = sgd_step(params, x, jnp.asarray(labels[idx]), used)
         return params
 
-    images = distill.init_state(jax.random.fold_in(KEY, 0), dataset, config)["images"]
+    images = state_lib.init_state(jax.random.fold_in(KEY, 0), dataset, config)["images"]
     buf = jnp.zeros_like(images)
     losses = []
     for it in range(n_iterations):
@@ -144,8 +146,8 @@ def reference_dc(dataset, config, n_iterations):
 
 
 def library_dc(dataset, config, n_iterations):
-    state = distill.init_state(jax.random.fold_in(KEY, 0), dataset, config)
-    step = distill.make_step(config, dataset)
+    state = state_lib.init_state(jax.random.fold_in(KEY, 0), dataset, config)
+    step = steps_lib.make_step(config, dataset)
     real = jnp.asarray(dataset.train_images)
     index = data.class_index(dataset.train_labels, C)
     losses = []
@@ -167,7 +169,7 @@ DC_CASES = {"dc": TINY_DC, "dsa": {**TINY_DC, "dsa.strategy": "crop_flip"}}
 def test_dc_step_equals_the_hand_written_two_outer_step_reference(dataset, method):
     config = tiny_config(f"{method},ipc{IPC}", **DC_CASES[method])
     assert config.distill.outer_loop == 2 and config.distill.batch_train == 4
-    assert (distill.matching_strategy(config, dataset.name) is None) == (method == "dc")
+    assert (steps_lib.matching_strategy(config, dataset.name) is None) == (method == "dc")
     images, losses = library_dc(dataset, config, 2)
     ref_images, ref_losses = reference_dc(dataset, config, 2)
     assert losses.shape == ref_losses.shape == (2, 2)
@@ -175,7 +177,7 @@ def test_dc_step_equals_the_hand_written_two_outer_step_reference(dataset, metho
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
     np.testing.assert_allclose(images, ref_images, rtol=1e-4, atol=1e-5)
     # The images moved by more than the tolerance (the comparison is not vacuous).
-    init = np.asarray(distill.init_state(jax.random.fold_in(KEY, 0), dataset, config)["images"])
+    init = np.asarray(state_lib.init_state(jax.random.fold_in(KEY, 0), dataset, config)["images"])
     assert np.max(np.abs(images - init)) > 1e-2
 
 
@@ -187,7 +189,7 @@ def test_dc_step_equals_the_hand_written_two_outer_step_reference(dataset, metho
 @pytest.fixture(scope="module")
 def params_pair():
     """(start, target): two inits of a small ConvNet; its leaves differ in size and scale."""
-    model = evaluate.build_model(tiny_config("mtt,ipc1", **{"model.depth": 1}), C)
+    model = models.build_model(tiny_config("mtt,ipc1", **{"model.depth": 1}), C)
     start = inner.init_variables(model, jax.random.key(1), (HW, HW, 1))["params"]
     target = inner.init_variables(model, jax.random.key(2), (HW, HW, 1))["params"]
     return start, target

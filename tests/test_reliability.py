@@ -29,8 +29,10 @@ from helpers import (
 from helpers import run_cli as run
 from jax.flatten_util import ravel_pytree
 
-from mim4dd_jax import checkpoint, data, distill, evaluate, inner, io
+from mim4dd_jax import artifacts, checkpoint, data, distill, inner, models
 from mim4dd_jax import config as config_lib
+from mim4dd_jax import state as state_lib
+from mim4dd_jax import steps as steps_lib
 from mim4dd_jax.errors import ConfigError
 
 KEY = jax.random.key(0)
@@ -113,7 +115,7 @@ def _steps_on_disk(folder):
 def _logged_steps(workdir):
     """The steps of the training rows of metrics.jsonl (those with a loss), in file order."""
     path = workdir / "metrics.jsonl"
-    rows = io.read_metrics(str(path)) if path.is_file() else []
+    rows = artifacts.read_metrics(str(path)) if path.is_file() else []
     return [r["step"] for r in rows if "loss" in r]
 
 
@@ -160,7 +162,7 @@ def test_sigkill_of_the_process_group_then_the_same_command_gives_identical_byte
     assert _logged_steps(killed) == list(range(1, ITERATIONS + 1)) == _logged_steps(straight)
     assert _tensorboard_steps(killed) == list(range(1, ITERATIONS + 1))
     # The final evaluation once.
-    rows = io.read_metrics(str(killed / "metrics.jsonl"))
+    rows = artifacts.read_metrics(str(killed / "metrics.jsonl"))
     assert [r["step"] for r in rows if "accuracy" in r] == [ITERATIONS]
 
 
@@ -171,7 +173,7 @@ def test_sigkill_of_the_process_group_then_the_same_command_gives_identical_byte
 
 def fake_experts(config, dataset, num=2, epochs=2):
     """[num, epochs + 1, P] trajectories: random inits drifting a little per epoch."""
-    model = evaluate.build_model(config, dataset.num_classes)
+    model = models.build_model(config, dataset.num_classes)
     out = []
     for e in range(num):
         variables = inner.init_variables(model, jax.random.key(10 + e), dataset.image_shape)
@@ -205,18 +207,18 @@ def test_non_finite_step_leaves_the_state_unchanged_and_is_counted(case):
     arg, overrides = GUARD_CASES[case]
     dataset = fake_dataset(3, 12, 8)
     config = tiny_config(arg, **overrides)
-    step = distill.make_step(config, dataset)
+    step = steps_lib.make_step(config, dataset)
     real = jnp.asarray(dataset.train_images)
     index = data.class_index(dataset.train_labels, 3)
     experts = fake_experts(config, dataset) if config.method == "mtt" else None
     if config.method == "mtt":
         bad_step, bad_experts = step, jnp.full_like(experts, jnp.inf)
     else:
-        bad_step = distill.make_step(
+        bad_step = steps_lib.make_step(
             tiny_config(arg, **overrides, **{"distill.lr": np.inf}), dataset
         )
         bad_experts = None
-    state = distill.init_state(jax.random.fold_in(KEY, 0), dataset, config)
+    state = state_lib.init_state(jax.random.fold_in(KEY, 0), dataset, config)
 
     def one(step, state, it, experts):
         state, metrics = step(state, jax.random.fold_in(KEY, it), real, index, experts)
@@ -254,7 +256,7 @@ def test_guard_stops_the_run_and_keeps_the_last_good_artifacts(fake_npz, tmp_pat
         },
     )
     good_calls, last_good = 3, {}
-    make_step = distill.make_step
+    make_step = steps_lib.make_step
 
     def poisoned_after(config, dataset, *args, **kwargs):
         # From iteration 3 on, the same step with an infinite image lr: every update overflows.
@@ -273,7 +275,7 @@ def test_guard_stops_the_run_and_keeps_the_last_good_artifacts(fake_npz, tmp_pat
         wrapped._cache_size = step._cache_size
         return wrapped
 
-    monkeypatch.setattr(distill, "make_step", poisoned_after)
+    monkeypatch.setattr(steps_lib, "make_step", poisoned_after)
     workdir = tmp_path / "run"
     with pytest.raises(ConfigError, match=r"guard\.max_consecutive=2"):
         distill.run(config, str(workdir))
@@ -287,7 +289,7 @@ def test_guard_stops_the_run_and_keeps_the_last_good_artifacts(fake_npz, tmp_pat
         assert f["model_images"].tobytes() == last_good["images"].tobytes()
     ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"))
     dataset = data.load_from_config(config.data)
-    step, restored = ckpt.restore(distill.init_state(KEY, dataset, config))
+    step, restored = ckpt.restore(state_lib.init_state(KEY, dataset, config))
     ckpt.close()
     assert step == 4
     assert_same_bits(host(restored), last_good)
@@ -298,8 +300,8 @@ def test_mtt_lr_is_learned_from_lr_teacher():
     # (tests/test_protocol.py).
     dataset = fake_dataset(3, 12, 8)
     config = tiny_config("mtt,ipc1")
-    state = distill.init_state(KEY, dataset, config)
-    assert "syn_lr" in distill.learned_parts(config)
+    state = state_lib.init_state(KEY, dataset, config)
+    assert "syn_lr" in state_lib.learned_parts(config)
     np.testing.assert_allclose(state["syn_lr"], config.mtt.lr_teacher, rtol=1e-7)
 
 

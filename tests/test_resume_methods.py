@@ -17,7 +17,9 @@ import pytest
 from helpers import tiny_config
 from jax.flatten_util import ravel_pytree
 
-from mim4dd_jax import checkpoint, data, distill, evaluate, inner
+from mim4dd_jax import checkpoint, data, distill, inner, models
+from mim4dd_jax import state as state_lib
+from mim4dd_jax import steps as steps_lib
 
 C, PER_CLASS, HW, IPC = 3, 12, 8, 2
 ITERATIONS, EVERY = 4, 2
@@ -50,7 +52,7 @@ class Crash(Exception):
 def fake_trajectories(config, image_shape, num=2, epochs=2):
     """[num, epochs + 1, P] expert trajectories: random inits drifting a little per epoch
     (training and loading real experts is tests/test_experts.py's)."""
-    model = evaluate.build_model(config, C)
+    model = models.build_model(config, C)
     out = []
     for e in range(num):
         flat, _ = ravel_pytree(
@@ -75,7 +77,7 @@ class Runs:
         self.calls = 0
         self.stop_at = None
         self.how = None
-        make_step = distill.make_step
+        make_step = steps_lib.make_step
 
         def shared_step(config, dataset, *args, **kwargs):
             if self.step is None:
@@ -100,7 +102,7 @@ class Runs:
             self.eval_lrs.append(float(lr))
             return jnp.zeros(keys.shape[0])
 
-        monkeypatch.setattr(distill, "make_step", shared_step)
+        monkeypatch.setattr(steps_lib, "make_step", shared_step)
         monkeypatch.setattr(inner, "train_and_test_many", evaluation_stub)
 
     def run(self, config, workdir, stop_at=None, how=None):
@@ -119,7 +121,7 @@ def final_state(config, workdir):
     ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"))
     try:
         assert ckpt.steps()[-1] == ITERATIONS
-        step, state = ckpt.restore(distill.init_state(jax.random.key(0), dataset, config))
+        step, state = ckpt.restore(state_lib.init_state(jax.random.key(0), dataset, config))
     finally:
         ckpt.close()
     assert step == ITERATIONS

@@ -17,7 +17,7 @@ import pytest
 from helpers import tiny_config
 from jax.flatten_util import ravel_pytree
 
-from mim4dd_jax import data, distill, evaluate, inner, io, state, steps
+from mim4dd_jax import artifacts, data, distill, inner, models, state, steps
 
 C, PER_CLASS, HW, IPC = 3, 12, 8, 2
 RUN = {
@@ -78,7 +78,7 @@ SHA256 = {
 
 def fake_trajectories(config):
     """[2, 3, P] expert trajectories: random inits drifting a little per epoch."""
-    model = evaluate.build_model(config, C)
+    model = models.build_model(config, C)
     out = []
     for e in range(2):
         params = inner.init_variables(model, jax.random.key(e), (HW, HW, 1))["params"]
@@ -107,7 +107,7 @@ def run(method, fake_npz, workdir, monkeypatch):
 
 
 @pytest.mark.skipif(
-    jax.__version__ != RECORDED_WITH or io.cpu_model() != RECORDED_ON,
+    jax.__version__ != RECORDED_WITH or artifacts.cpu_model() != RECORDED_ON,
     reason="hashes recorded with another jax version or CPU kind",
 )
 @pytest.mark.parametrize("method", ["dm", "dsa", "mtt"])

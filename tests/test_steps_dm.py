@@ -12,15 +12,16 @@ from jax.flatten_util import ravel_pytree
 from mim4dd_jax import config as config_lib
 from mim4dd_jax import (
     data,
-    distill,
-    evaluate,
     experts,
     inner,
     mi,
+    models,
     objectives,
     steps,
     steps_core,
 )
+from mim4dd_jax import state as state_lib
+from mim4dd_jax import steps as steps_lib
 from mim4dd_jax.errors import ConfigError
 
 C, PER_CLASS, HW, IPC = 3, 12, 8, 2
@@ -39,7 +40,7 @@ def make_config(**overrides):
 @pytest.fixture(scope="module")
 def trajectories(dataset):
     """[2, 3, P]: two inits, each followed by two perturbed 'epochs' (distinct networks)."""
-    model = evaluate.build_model(make_config(), C)
+    model = models.build_model(make_config(), C)
     rows = []
     for e in range(2):
         variables = inner.init_variables(model, jax.random.key(e), (HW, HW, 1))
@@ -50,8 +51,8 @@ def trajectories(dataset):
 
 
 def one_step(config, dataset, trajectories, it=0):
-    init = distill.init_state(jax.random.fold_in(KEY, 0), dataset, config)
-    step = distill.make_step(config, dataset)
+    init = state_lib.init_state(jax.random.fold_in(KEY, 0), dataset, config)
+    step = steps_lib.make_step(config, dataset)
     real, index = jnp.asarray(dataset.train_images), data.class_index(dataset.train_labels, C)
     images0 = np.array(init["images"])
     state, metrics = step(init, jax.random.fold_in(KEY, it), real, index, trajectories)
@@ -92,7 +93,7 @@ def test_expert_features_are_drawn_by_the_step_key(dataset, trajectories):
         ctx.chunk,
     )
     # mi = the estimate on those features with the initial heads (what the step reports).
-    init = distill.init_state(jax.random.fold_in(KEY, 0), dataset, config)
+    init = state_lib.init_state(jax.random.fold_in(KEY, 0), dataset, config)
     _, aux = mi.mi_loss(
         mi.Heads(init["heads"], ctx.mi_config),
         real=list(real_blocks),
@@ -104,8 +105,8 @@ def test_expert_features_are_drawn_by_the_step_key(dataset, trajectories):
 
 
 def test_expert_features_need_experts(dataset):
-    step = distill.make_step(make_config(**{"mi.feature_nets": "experts"}), dataset)
-    init = distill.init_state(KEY, dataset, make_config(**{"mi.feature_nets": "experts"}))
+    step = steps_lib.make_step(make_config(**{"mi.feature_nets": "experts"}), dataset)
+    init = state_lib.init_state(KEY, dataset, make_config(**{"mi.feature_nets": "experts"}))
     real, index = jnp.asarray(dataset.train_images), data.class_index(dataset.train_labels, C)
     with pytest.raises(ConfigError, match="needs expert trajectories"):
         step(init, KEY, real, index, None)

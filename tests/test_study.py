@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from helpers import ROOT, SMALL_NET, TINY, cli_env, write_fake_npz
 
-from mim4dd_jax import io
+from mim4dd_jax import artifacts
 
 sys.path.insert(0, ROOT)
 from benchmarks import study as study_lib  # noqa: E402
@@ -221,7 +221,7 @@ def test_a_study_killed_with_its_run_traces_every_step_once_and_sums_its_wall_ti
     ckpt, metrics = os.path.join(workdir, "checkpoints"), os.path.join(workdir, "metrics.jsonl")
 
     def logged():
-        rows = io.read_metrics(metrics) if os.path.isfile(metrics) else []
+        rows = artifacts.read_metrics(metrics) if os.path.isfile(metrics) else []
         return [r["step"] for r in rows if "loss" in r]
 
     def saved():

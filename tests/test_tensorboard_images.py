@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mim4dd_jax import io
+from mim4dd_jax import artifacts
 
 pytest.importorskip("tensorboard")
 
@@ -22,12 +22,12 @@ def _events(folder):
 def test_image_grid_is_read_back_next_to_the_scalars(tmp_path):
     rng = np.random.default_rng(0)
     images, labels = rng.random((6, 5, 5, 1)).astype(np.float32), np.arange(6) % 3
-    grid = io.image_grid(images, labels, 3)  # [H, W] uint8, one row per class
+    grid = artifacts.image_grid(images, labels, 3)  # [H, W] uint8, one row per class
     colour = rng.integers(0, 256, (4, 7, 3), dtype=np.uint8)
-    writer = io.MetricWriter(str(tmp_path), tensorboard=True)
+    writer = artifacts.MetricWriter(str(tmp_path), tensorboard=True)
     writer.write(10, loss=0.5)
     writer.write_image(10, "synthetic/grid", grid)
-    writer.write_image(20, "synthetic/grid", io.png_bytes(grid[::-1]))
+    writer.write_image(20, "synthetic/grid", artifacts.png_bytes(grid[::-1]))
     writer.write_image(20, "colour", colour)
     acc = _events(tmp_path / "tensorboard")
     assert set(acc.Tags()["images"]) == {"synthetic/grid", "colour"}
@@ -48,12 +48,12 @@ def test_image_grid_is_read_back_next_to_the_scalars(tmp_path):
 
 
 def test_write_image_without_tensorboard_writes_nothing_and_bad_images_are_refused(tmp_path):
-    writer = io.MetricWriter(str(tmp_path))
+    writer = artifacts.MetricWriter(str(tmp_path))
     writer.write_image(0, "grid", np.zeros((4, 4), np.uint8))
     assert not (tmp_path / "tensorboard").exists()
     with pytest.raises(ValueError, match="uint8"):
-        io.png_bytes(np.zeros((4, 4), np.float32))
+        artifacts.png_bytes(np.zeros((4, 4), np.float32))
     with pytest.raises(ValueError, match="not a PNG"):
-        io.png_bytes(b"GIF89a")
+        artifacts.png_bytes(b"GIF89a")
     with pytest.raises(ValueError, match="channels"):
-        io.png_bytes(np.zeros((4, 4, 2), np.uint8))
+        artifacts.png_bytes(np.zeros((4, 4, 2), np.uint8))

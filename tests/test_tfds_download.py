@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from helpers import ROOT, cli_env
 
-from mim4dd_jax import data
+from mim4dd_jax import data, tfds_download
 from mim4dd_jax.errors import ConfigError
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -77,7 +77,7 @@ def test_install_has_what_the_tfds_download_path_needs(tmp_path):
 def test_offline_download_fails_in_one_line_before_writing_anything(tmp_path, offline):
     start = time.monotonic()
     with pytest.raises(ConfigError) as error:
-        data.load_tfds("cifar10", str(tmp_path / "tfds"))
+        tfds_download.load_splits("cifar10", str(tmp_path / "tfds"))
     assert time.monotonic() - start < 5
     assert_one_offline_line(str(error.value), f"{CIFAR_HOST}:443 is unreachable")
     assert "Name or service not known" in str(error.value)
@@ -91,10 +91,10 @@ def test_a_resolver_that_hangs_is_cut_short(tmp_path, monkeypatch):
         raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    monkeypatch.setattr(data, "_TFDS_CONNECT_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(tfds_download, "CONNECT_TIMEOUT_S", 0.3)
     start = time.monotonic()
     with pytest.raises(ConfigError) as error:
-        data.load_tfds("cifar10", str(tmp_path))
+        tfds_download.load_splits("cifar10", str(tmp_path))
     assert time.monotonic() - start < 2
     assert_one_offline_line(str(error.value), f"{CIFAR_HOST}:443 did not answer within 0.3 s")
 
@@ -106,14 +106,14 @@ def test_a_download_failing_inside_tfds_is_retried_a_bounded_number_of_times(
     # it retries 10 times with exponential back-off, about 3.5 minutes.
     from tensorflow_datasets.core.download import downloader
 
-    monkeypatch.setattr(data, "_check_reachable", lambda urls: None)
+    monkeypatch.setattr(tfds_download, "check_reachable", lambda urls: None)
     retries = downloader.MAX_RETRIES
     start = time.monotonic()
     with pytest.raises(ConfigError) as error:
-        data.load_tfds("cifar10", str(tmp_path))
+        tfds_download.load_splits("cifar10", str(tmp_path))
     assert time.monotonic() - start < 10
     assert_one_offline_line(str(error.value), f"Failed to resolve '{CIFAR_HOST}'")
-    assert offline == [CIFAR_HOST] * (1 + data._TFDS_MAX_RETRIES)
+    assert offline == [CIFAR_HOST] * (1 + tfds_download.MAX_RETRIES)
     assert downloader.MAX_RETRIES == retries  # restored
 
 
@@ -170,7 +170,7 @@ class Mim4ddTinyTfds(tfds.testing.DummyMnist):
 def test_an_empty_data_dir_is_prepared_for_random_access(tmp_path):
     # tfds.data_source(name, data_dir=...) prepares the default TFRecord, which it cannot read.
     data_dir = tmp_path / "fresh"
-    raw = data.load_tfds(Mim4ddTinyTfds.name, str(data_dir))
+    raw = data.load_raw(Mim4ddTinyTfds.name, "tfds", tfds_data_dir=str(data_dir))
     assert raw.x_train.shape == (20, 28, 28, 1) and raw.x_test.shape == (20, 28, 28, 1)
     assert raw.y_train.dtype == np.int64 and set(raw.y_train) <= set(range(10))
     assert list(data_dir.rglob("*.array_record*")) and not list(data_dir.rglob("*.tfrecord*"))
@@ -181,8 +181,8 @@ def test_a_copy_prepared_by_tfds_load_is_read(tmp_path):
     name = Mim4ddTinyTfds.name
     tfds.builder(name, data_dir=str(tmp_path / "tfrecord")).download_and_prepare()
     assert list((tmp_path / "tfrecord").rglob("*.tfrecord*"))
-    from_tfrecord = data.load_tfds(name, str(tmp_path / "tfrecord"))
-    from_array_record = data.load_tfds(name, str(tmp_path / "array_record"))
+    from_tfrecord = tfds_download.load_splits(name, str(tmp_path / "tfrecord"))
+    from_array_record = tfds_download.load_splits(name, str(tmp_path / "array_record"))
     for a, b in zip(from_tfrecord, from_array_record, strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype
         np.testing.assert_array_equal(np.sort(a, axis=0), np.sort(b, axis=0))

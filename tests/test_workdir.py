@@ -1,17 +1,17 @@
-"""io.check_workdir in-process: the refusals that subprocess tests cannot reach as root."""
+"""artifacts.check_workdir in-process: the refusals that subprocess tests cannot reach as root."""
 
 import os
 
 import pytest
 
-from mim4dd_jax import checkpoint, io
+from mim4dd_jax import artifacts, checkpoint
 from mim4dd_jax.errors import ConfigError
 
 
 @pytest.mark.parametrize("name", ["a[1]", "b*", "c?", "d]"])
 def test_a_workdir_with_glob_characters_is_refused(tmp_path, name):
     with pytest.raises(ConfigError, match="checkpoints cannot be read back"):
-        io.check_workdir(str(tmp_path / name / "run"))
+        artifacts.check_workdir(str(tmp_path / name / "run"))
     assert not (tmp_path / name).exists()
 
 
@@ -32,24 +32,26 @@ def test_a_workdir_whose_parent_is_a_file_is_refused(tmp_path):
     parent = tmp_path / "file"
     parent.write_text("x")
     with pytest.raises(ConfigError, match="is a file"):
-        io.check_workdir(str(parent / "run"))
+        artifacts.check_workdir(str(parent / "run"))
 
 
 def test_a_workdir_in_a_folder_without_write_access_is_refused(tmp_path, monkeypatch):
     real_access = os.access
     monkeypatch.setattr(
-        io.os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real_access(p, mode)
+        artifacts.os,
+        "access",
+        lambda p, mode: False if str(p) == str(tmp_path) else real_access(p, mode),
     )
     with pytest.raises(ConfigError, match="is not writable"):
-        io.check_workdir(str(tmp_path / "run"))
+        artifacts.check_workdir(str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
 
 def test_a_good_workdir_is_returned_absolute_and_created_only_by_prepare(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert io.check_workdir("run") == str(tmp_path / "run")
+    assert artifacts.check_workdir("run") == str(tmp_path / "run")
     assert not (tmp_path / "run").exists()
-    assert io.prepare_workdir("run") == str(tmp_path / "run")
+    assert artifacts.prepare_workdir("run") == str(tmp_path / "run")
     assert (tmp_path / "run").is_dir()
 
 

@@ -1,4 +1,5 @@
-"""Workdir artifacts: ``distilled.npz``, image grids, metrics. Every write is atomic (tmp + rename)."""
+"""Workdir artifacts: ``distilled.npz``, image grids, metrics and the progress bars on stderr.
+Every write is atomic (tmp + rename)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 import zipfile
@@ -16,6 +18,18 @@ from typing import IO, Any
 import numpy as np
 
 from mim4dd_jax.errors import ConfigError
+
+
+def flatten_dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a.b": leaf} for every leaf of nested mappings (e.g. ``config.to_dict()``): how configs
+    and metadata are compared and fingerprinted."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(flatten_dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 @contextlib.contextmanager
@@ -457,3 +471,34 @@ def _jsonable(v: Any) -> Any:
     if hasattr(v, "tolist"):
         return v.tolist()
     return v
+
+
+def progress_iter(iterable: Any, desc: str, total: int, *, unit: str) -> Any:
+    """``iterable`` with a progress bar on stderr when it is a terminal (see
+    :func:`progress_bar`)."""
+    from tqdm import tqdm
+
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=None,
+    )
+
+
+def progress_bar(desc: str, total: int, *, enabled: bool | None = None, unit: str = "epoch"):
+    """A tqdm bar on stderr; ``enabled=None``: only when stderr is a terminal (CI logs stay
+    short). Shows the ETA; callers add the loss or the accuracy as a postfix."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=None if enabled is None else not enabled,
+    )
