@@ -155,18 +155,6 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _dotted(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a.b": value} of a TOML table: ``"a.b" = 1`` and the unquoted ``a.b = 1`` (which TOML
-    reads as a nested table) both name the config field a.b."""
-    out = {}
-    for k, v in table.items():
-        if isinstance(v, Mapping):
-            out.update(_dotted(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _check_keys(entry: Mapping[str, Any], valid: Sequence[str], where: str, p: _Problems) -> None:
     for key in entry:
         if key not in valid:
@@ -194,7 +182,8 @@ def _check_overrides(value: Any, where: str, p: _Problems) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         p.add(where, f'overrides must be a table of "config.field" = value, got {value!r}')
         return {}
-    return _dotted(value)
+    # "a.b" = 1 and the unquoted a.b = 1 (which TOML reads as a nested table) both name a.b.
+    return artifacts.flatten_dotted(value)
 
 
 def _check_text(entry: Mapping[str, Any], key: str, where: str, p: _Problems) -> None:
@@ -275,7 +264,7 @@ def load_study(path: str, runs_root: str | None = None, *, check_configs: bool =
         where = f"grid {grid_name!r}"
         _check_keys(grid, GRID_KEYS, where, p)
         axes = grid.get("axes", {})
-        axes = _dotted(axes) if isinstance(axes, Mapping) else {}
+        axes = artifacts.flatten_dotted(axes) if isinstance(axes, Mapping) else {}
         if not axes or not all(isinstance(v, list) and v for v in axes.values()):
             p.add(where, 'needs [grids.axes] of non-empty lists, e.g. "mi.weight" = [0.0, 0.1]')
             continue
