@@ -437,7 +437,6 @@ def _validate_mesh(m: ml_collections.ConfigDict) -> None:
 
 def _validate_distill(c: ml_collections.ConfigDict) -> None:
     """Checks the ``distill`` and ``mi`` blocks (names, ranges, MI options, DC loops)."""
-    from mim4dd_jax import mi
     from mim4dd_jax import state as state_lib
     from mim4dd_jax.choices import (
         INITS,
@@ -525,7 +524,7 @@ def _validate_distill(c: ml_collections.ConfigDict) -> None:
             f"mtt.learn_labels is for method {which}, not {c.method!r}; valid: "
             f"--config.method={which} or mtt.learn_labels=False"
         )
-    mi.make_config(**state_lib.mi_options(c.mi))
+    state_lib.mi_config(c.mi)
     if method is not None:
         method.check(c)
 

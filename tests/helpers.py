@@ -119,3 +119,22 @@ def write_mnist_folder(folder, train_per_class: int, test_per_class: int, num_cl
             with gzip.open(os.path.join(folder, f"{prefix}-{kind}-ubyte.gz"), "wb") as f:
                 f.write(header + array.astype(np.uint8).tobytes())
     return folder
+
+
+def fake_experts(config, dataset, num: int = 2, epochs: int = 2, drift: float = 0.01):
+    """[num, epochs + 1, P] expert trajectories: random inits drifting ``drift`` (times a fixed
+    normal direction) per epoch, so every checkpoint is a distinct network."""
+    import jax
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    from mim4dd_jax import inner, models
+
+    model = models.build_model(config, dataset.num_classes)
+    out = []
+    for e in range(num):
+        variables = inner.init_variables(model, jax.random.key(10 + e), dataset.image_shape)
+        flat = ravel_pytree(variables["params"])[0]
+        step = drift * jax.random.normal(jax.random.key(20 + e), flat.shape)
+        out.append(jnp.stack([flat + t * step for t in range(epochs + 1)]))
+    return jnp.stack(out)

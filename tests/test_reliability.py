@@ -23,13 +23,13 @@ from helpers import (
     cli_command,
     cli_env,
     fake_dataset,
+    fake_experts,
     tiny_config,
     write_mnist_folder,
 )
 from helpers import run_cli as run
-from jax.flatten_util import ravel_pytree
 
-from mim4dd_jax import artifacts, checkpoint, data, distill, inner, models
+from mim4dd_jax import artifacts, checkpoint, data, distill
 from mim4dd_jax import config as config_lib
 from mim4dd_jax import state as state_lib
 from mim4dd_jax import steps as steps_lib
@@ -169,18 +169,6 @@ def test_sigkill_of_the_process_group_then_the_same_command_gives_identical_byte
 # ----------------------------------------------------------------------------------------------
 # Numerical guard.
 # ----------------------------------------------------------------------------------------------
-
-
-def fake_experts(config, dataset, num=2, epochs=2):
-    """[num, epochs + 1, P] trajectories: random inits drifting a little per epoch."""
-    model = models.build_model(config, dataset.num_classes)
-    out = []
-    for e in range(num):
-        variables = inner.init_variables(model, jax.random.key(10 + e), dataset.image_shape)
-        flat = ravel_pytree(variables["params"])[0]
-        drift = 0.01 * jax.random.normal(jax.random.key(20 + e), flat.shape)
-        out.append(jnp.stack([flat + t * drift for t in range(epochs + 1)]))
-    return jnp.stack(out)
 
 
 # How step k is poisoned: a non-finite input (an expert trajectory holding inf makes the MTT

@@ -6,16 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import fake_dataset, run_cli, tiny_config
+from helpers import fake_dataset, fake_experts, run_cli, tiny_config
 from jax.flatten_util import ravel_pytree
 
 from mim4dd_jax import config as config_lib
 from mim4dd_jax import (
     data,
     experts,
-    inner,
     mi,
-    models,
     objectives,
     steps,
     steps_core,
@@ -39,15 +37,8 @@ def make_config(**overrides):
 
 @pytest.fixture(scope="module")
 def trajectories(dataset):
-    """[2, 3, P]: two inits, each followed by two perturbed 'epochs' (distinct networks)."""
-    model = models.build_model(make_config(), C)
-    rows = []
-    for e in range(2):
-        variables = inner.init_variables(model, jax.random.key(e), (HW, HW, 1))
-        flat, _ = ravel_pytree(variables["params"])
-        noise = [jax.random.normal(jax.random.key(10 * e + t), flat.shape) for t in range(3)]
-        rows.append(jnp.stack([flat + 0.05 * t * n for t, n in enumerate(noise)]))
-    return jnp.stack(rows)
+    """[2, 3, P]: two inits, each drifting over two 'epochs' (distinct networks)."""
+    return fake_experts(make_config(), dataset, drift=0.05)
 
 
 def one_step(config, dataset, trajectories, it=0):
