@@ -37,9 +37,9 @@ def _distill(config: Any, workdir: str) -> Any:
 
 
 def _experts(config: Any, workdir: str) -> Any:
-    from mim4dd_jax import experts
+    from mim4dd_jax import experts_run
 
-    return experts.run(config, workdir)
+    return experts_run.run(config, workdir)
 
 
 def _evaluate(config: Any, workdir: str) -> Any:

@@ -389,7 +389,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     """Checks every name and range that can be checked without data; raises ConfigError."""
     # late: config files import this module. None of these imports config: the choices of
     # modules that do (coreset, experts, the distillation modules) live in mim4dd_jax.choices.
-    from mim4dd_jax import augment, choices, data, experts, inner, models
+    from mim4dd_jax import augment, choices, data, experts_run, inner, models
 
     check_choice("method", c.method, methods())
     check_ipc(c.ipc)
@@ -418,7 +418,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if "distill" in c:
         _validate_distill(c)
     if "experts" in c:
-        experts.check_config(c)
+        experts_run.check_config(c)
     if "mesh" in c:
         _validate_mesh(c.mesh)
 
@@ -486,8 +486,7 @@ def _validate_distill(c: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"{field} must be > 0, got {value!r}")
     if not 0 <= d.momentum < 1:
         raise ConfigError(f"distill.momentum must be in [0, 1), got {d.momentum!r}")
-    if not c.mi.weight >= 0:
-        raise ConfigError(f"mi.weight must be >= 0, got {c.mi.weight!r}")
+    state_lib.mi_weight(c)
     check_choice("mi.networks", c.mi.networks, MI_NETWORKS)
     check_choice("mi.weight_mode", c.mi.weight_mode, MI_WEIGHT_MODES)
     check_choice("mi.feature_nets", c.mi.feature_nets, MI_FEATURE_NETS)

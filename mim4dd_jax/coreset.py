@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Any
 
 import chex
@@ -17,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mim4dd_jax import artifacts, inner, models
+from mim4dd_jax import artifacts, inner, models, runner
 from mim4dd_jax import config as config_lib
 from mim4dd_jax import data as data_lib
 from mim4dd_jax import evaluate as evaluate_lib
@@ -127,11 +126,12 @@ def select(key: jax.Array, dataset: data_lib.Dataset, config: Any) -> np.ndarray
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
     """Selects a coreset, evaluates it, and writes ``distilled.npz``, ``grid.png``, results."""
-    # Data-dependent checks come before the workdir is created; the ZCA fit is then cached in it.
-    dataset = data_lib.load_from_config(config.data, whitened=False)
-    config_lib.check_ipc(config.ipc, data_lib.smallest_class(dataset))
-    workdir = artifacts.prepare_workdir(workdir)
-    dataset = data_lib.whiten_from_config(dataset, config.data, cache_dir=workdir)
+    workdir, dataset, _ = runner.start(
+        config,
+        workdir,
+        "coreset",
+        lambda dataset, _: config_lib.check_ipc(config.ipc, data_lib.smallest_class(dataset)),
+    )
     key = jax.random.key(config.seed)
     select_key, eval_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
     chosen = select(select_key, dataset, config).reshape(-1)
@@ -157,9 +157,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         "dataset": dataset.name,
         "accuracy": {r.model: r.as_dict() for r in results},
     }
-    artifacts.MetricWriter(workdir).write(0, **summary)
-    summary["machine"] = artifacts.machine()
-    artifacts.write_json(os.path.join(workdir, "results.json"), summary)
+    runner.finish(workdir, summary)
     for r in results:
         print(f"{config.method} ipc{config.ipc} {r}")
     return summary

@@ -36,7 +36,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mim4dd_jax import artifacts, methods, sharding
+from mim4dd_jax import artifacts, methods, runner, sharding
 from mim4dd_jax import checkpoint as checkpoint_lib
 from mim4dd_jax import config as config_lib
 from mim4dd_jax import data as data_lib
@@ -53,7 +53,7 @@ def needs_experts(config: Any) -> bool:
     MTT), or the MI term draws its feature networks from them (``mi.feature_nets="experts"``)."""
     if methods.get(config.method).needs_experts:
         return True
-    return bool(config.mi.weight) and config.mi.feature_nets == "experts"
+    return state_lib.mi_features_from_experts(config)
 
 
 def min_expert_epochs(config: Any) -> int:
@@ -242,16 +242,17 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     sharding.initialize_distributed(sharding.options(config)["distributed"])
     mesh = sharding.mesh_from_config(config)
     main = sharding.is_main_process()
-    # Data-dependent checks come before the workdir is created; the ZCA fit is then cached in it.
-    dataset = data_lib.load_from_config(config.data, whitened=False)
-    config_lib.check_ipc(config.ipc, data_lib.smallest_class(dataset))
-    state_lib.check_plan(config, dataset.num_classes, mesh)
-    if config.distill.init_from:
-        state_lib.read_init(config.distill.init_from, dataset, config)
-    experts = _load_experts(config, dataset) if needs_experts(config) else None
-    check_same_run(artifacts.check_workdir(workdir), config)
-    workdir = artifacts.prepare_workdir(workdir)
-    dataset = data_lib.whiten_from_config(dataset, config.data, cache_dir=workdir)
+
+    def checks(dataset: data_lib.Dataset, folder: str) -> experts_lib.Experts | None:
+        config_lib.check_ipc(config.ipc, data_lib.smallest_class(dataset))
+        state_lib.check_plan(config, dataset.num_classes, mesh)
+        if config.distill.init_from:
+            state_lib.read_init(config.distill.init_from, dataset, config)
+        loaded = _load_experts(config, dataset) if needs_experts(config) else None
+        check_same_run(folder, config)
+        return loaded
+
+    workdir, dataset, experts = runner.start(config, workdir, "distill", checks)
     if main:
         artifacts.write_json(
             os.path.join(workdir, "config.json"), _config_fingerprint(config), sort_keys=True
@@ -320,6 +321,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             tqdm.write(f"{config.method} ipc{config.ipc} it {iteration}: {r}")
 
     eval_at = {int(i) for i in d.eval_at}
+    mi_on = bool(state_lib.mi_weight(config))
     logging.info("distilling %s ipc %d for %d iterations", config.method, config.ipc, d.iterations)
     bar = tqdm(
         range(start, d.iterations),
@@ -354,7 +356,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                 if writer is not None:
                     writer.write(done, **row)
                 postfix = {"loss": f"{row['loss']:.4g}"}
-                if "mi" in row:
+                if mi_on:
                     postfix["mi"] = f"{float(np.sum(row['mi'])):.3g}"
                     # How hard the MI term pushes the images, relative to the base loss.
                     postfix["mi/base"] = f"{row['grad_ratio']:.2g}"
@@ -384,7 +386,6 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         # code reports the best over its evaluations. Both are recorded, labelled.
         summary.update(artifacts.final_and_best(artifacts.accuracy_history(workdir)))
         summary["num_models"] = int(config.eval.num_models)
-        summary["machine"] = artifacts.machine()
         if experts is not None:
             # The count this run matched against (the reference trains 100), not experts.num.
             shape = experts.trajectories.shape
@@ -393,5 +394,5 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                 "epochs": int(shape[1]) - 1,
                 "dir": config.mtt.experts_dir,
             }
-        artifacts.write_json(os.path.join(workdir, "results.json"), summary)
+        runner.finish(workdir, summary, log=False)
     return summary

@@ -27,12 +27,11 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from mim4dd_jax import artifacts
+from mim4dd_jax import artifacts, runner
 from mim4dd_jax import data as data_lib
 from mim4dd_jax import evaluate as evaluate_lib
 from mim4dd_jax.errors import ConfigError
 
-RESULTS = "results.json"
 TABLE = "results.md"
 
 
@@ -179,25 +178,6 @@ def _check_labels(labels: np.ndarray, n: int, k: int, what: str, name: str) -> n
     return labels.astype(np.int32)
 
 
-def check_workdir(workdir: str) -> str:
-    """``artifacts.check_workdir``, and a workdir that holds another mode's run is refused (its
-    results.json would be overwritten)."""
-    workdir = artifacts.check_workdir(workdir)
-    results = os.path.join(workdir, RESULTS)
-    other = os.path.exists(os.path.join(workdir, "config.json"))
-    if os.path.isfile(results):
-        try:
-            with open(results) as f:
-                other = other or json.load(f).get("mode") != "evaluate"
-        except (OSError, ValueError, AttributeError):
-            other = True
-    if other:
-        raise ConfigError(
-            f"workdir {workdir!r} holds another run's results; evaluate into a new --workdir"
-        )
-    return workdir
-
-
 def _protocol(config: Any) -> dict[str, Any]:
     ev = config.eval
     protocol = {
@@ -258,13 +238,13 @@ def run(config: Any, workdir: str, *, lr: float | None = None) -> dict[str, Any]
     given = config.eval.get("set", "")
     path = os.path.abspath(os.path.expanduser(given)) if given else ""
     arrays = read_arrays(path)
-    workdir = check_workdir(workdir)
-    dataset = data_lib.load_from_config(config.data, whitened=False)
-    syn = check_set(arrays, dataset, path, config.eval.get("pixel_range", ""))
-    _warn_protocol(syn.stored_config, config)
-    # All checks passed: from here the workdir exists (the ZCA fit is cached in it).
-    workdir = artifacts.prepare_workdir(workdir)
-    dataset = data_lib.whiten_from_config(dataset, config.data, cache_dir=workdir)
+
+    def checks(dataset: data_lib.Dataset, _: str) -> SyntheticSet:
+        syn = check_set(arrays, dataset, path, config.eval.get("pixel_range", ""))
+        _warn_protocol(syn.stored_config, config)
+        return syn
+
+    workdir, dataset, syn = runner.start(config, workdir, "evaluate", checks)
     images = syn.model_images if syn.model_images is not None else dataset.from_pixels(syn.pixels)
     pixels = syn.pixels if syn.pixels is not None else dataset.to_pixels(images)
     if lr is not None:
@@ -294,9 +274,7 @@ def run(config: Any, workdir: str, *, lr: float | None = None) -> dict[str, Any]
         "protocol": _protocol(config),
         "accuracy": {r.model: r.as_dict() for r in results},
     }
-    artifacts.MetricWriter(workdir).write(0, **summary)
-    summary["machine"] = artifacts.machine()
-    artifacts.write_json(os.path.join(workdir, RESULTS), summary)
+    runner.finish(workdir, summary)
     with artifacts.atomic_write(os.path.join(workdir, TABLE), "w") as f:
         f.write(results_table(summary))
     for r in results:

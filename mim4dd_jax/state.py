@@ -66,6 +66,21 @@ _ZERO_IS_NONE = ("chunk_size", "k_pos", "k_neg", "n_data", "layer_weights")
 # ----------------------------------------------------------------------------------------------
 
 
+def mi_weight(config: Any) -> float:
+    """The MI term's weight (``mi.weight``, lambda or, with ``mi.weight_mode="relative"``, rho;
+    0 = no MI term): the one reader of the field. ConfigError unless it is a number >= 0."""
+    value = config.mi.weight
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ConfigError(f"mi.weight must be a number >= 0, got {value!r}")
+    return float(value)
+
+
+def mi_features_from_experts(config: Any) -> bool:
+    """Whether the MI term takes its features from expert checkpoints (``mi.weight`` > 0 and
+    ``mi.feature_nets="experts"``); the run then reads expert trajectories."""
+    return bool(mi_weight(config)) and config.mi.feature_nets == "experts"
+
+
 def mi_options(mi_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The ``mi.MIConfig`` keyword arguments of a ``config.mi`` block (0 / () -> None)."""
     opts = {}
@@ -107,7 +122,7 @@ def mi_layers(config: Any, model: nn.Module, image_shape: Sequence[int]) -> tupl
 
 def learned_parts(config: Any) -> tuple[str, ...]:
     """The state entries the outer loop optimises, each with its own optax optimiser."""
-    heads = ("heads",) if config.mi.weight else ()
+    heads = ("heads",) if mi_weight(config) else ()
     return ("images", *heads, *methods.get(config.method).learned(config))
 
 
@@ -294,7 +309,7 @@ def init_state(key: jax.Array, dataset: data_lib.Dataset, config: Any) -> State:
         "trainable": trainable,
         "heads": heads,
     }
-    if config.mi.weight and config.mi.bank_slots:
+    if mi_weight(config) and config.mi.bank_slots:
         # One per-class bank of real embeddings per MI layer: extra negatives (and positives)
         # beyond the real batch, refreshed with momentum every step (mi.update_memory_bank).
         state["banks"] = tuple(

@@ -35,6 +35,7 @@ from mim4dd_jax import augment as augment_lib
 from mim4dd_jax import data as data_lib
 from mim4dd_jax import experts as experts_lib
 from mim4dd_jax import mi, objectives, sharding
+from mim4dd_jax import state as state_lib
 from mim4dd_jax.errors import ConfigError
 from mim4dd_jax.state import State
 
@@ -91,7 +92,7 @@ class StepContext:
 
     @property
     def weight(self) -> float:
-        return float(self.config.mi.weight)
+        return state_lib.mi_weight(self.config)
 
     def by_class(self, x: Any) -> Any:
         """``x`` [C, ...] split over the mesh along its class axis.
@@ -106,7 +107,7 @@ class StepContext:
     @property
     def expert_features(self) -> bool:
         """Whether the MI term takes its features from expert checkpoints (``mi.feature_nets``)."""
-        return bool(self.weight) and self.config.mi.feature_nets == "experts"
+        return state_lib.mi_features_from_experts(self.config)
 
     def expert_variables(self, key: jax.Array, experts: jax.Array) -> dict[str, Any]:
         """{"params"} of one expert checkpoint [E, T+1, P] drawn with ``key`` at a trained epoch

@@ -38,7 +38,7 @@ CASES = {
             "mtt.max_start_epoch": 2,
             "mtt.batch_syn": 4,
             "mtt.num_trajectories": 4,
-            "mtt.remat": "off",  # compiles in half the time; remat is tested in test_mtt
+            "mtt.remat": "off",  # compiles in half the time; remat is tested in test_steps_mtt
         },
     ),
 }

@@ -30,7 +30,7 @@ def test_unknown_config_token_names_it_and_the_valid_ones():
 
 
 BAD_VALUES = {
-    "negative mi.weight": ("mi.weight", -0.5, r"mi.weight must be >= 0, got -0.5"),
+    "negative mi.weight": ("mi.weight", -0.5, r"mi.weight must be a number >= 0, got -0.5"),
     "momentum one": ("distill.momentum", 1.0, r"distill.momentum must be in \[0, 1\), got 1.0"),
     "momentum above one": ("distill.momentum", 1.5, r"must be in \[0, 1\), got 1.5"),
     "negative momentum": ("distill.momentum", -0.1, r"must be in \[0, 1\), got -0.1"),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mim4dd_jax import config as config_lib
-from mim4dd_jax import data, experts, inner, models
+from mim4dd_jax import data, experts, experts_run, inner, models
 from mim4dd_jax.errors import ConfigError
 
 C, PER_CLASS, HW = 3, 12, 8
@@ -55,7 +55,7 @@ def read(folder, i):
 def fresh(npz_path, tmp_path_factory):
     """2 experts x 2 epochs in one uninterrupted run (group 1)."""
     folder = tmp_path_factory.mktemp("fresh")
-    return folder, experts.run(make_config(npz_path), str(folder))
+    return folder, experts_run.run(make_config(npz_path), str(folder))
 
 
 def test_trajectory_rows_start_at_the_documented_init(npz_path, fresh):
@@ -66,7 +66,7 @@ def test_trajectory_rows_start_at_the_documented_init(npz_path, fresh):
         rec = read(folder, i)
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), i), 0)
         # init_flat is the jitted ravel of inner.init_variables (compiled by run() already).
-        p0 = np.asarray(experts.init_flat(key, model=model, image_shape=(HW, HW, 1))[0])
+        p0 = np.asarray(experts_run.init_flat(key, model=model, image_shape=(HW, HW, 1))[0])
         assert rec["params"].shape == (3, p0.size) and rec["params"].dtype == np.float32
         np.testing.assert_array_equal(rec["params"][0], p0)
         assert np.all(np.isfinite(rec["params"]))
@@ -86,17 +86,17 @@ def test_trajectory_rows_start_at_the_documented_init(npz_path, fresh):
 
 def test_resume_with_more_experts_and_epochs_equals_an_uninterrupted_run(npz_path, fresh, tmp_path):
     folder, summary = fresh
-    experts.run(make_config(npz_path, **{"experts.num": 1, "experts.epochs": 1}), str(tmp_path))
+    experts_run.run(make_config(npz_path, **{"experts.num": 1, "experts.epochs": 1}), str(tmp_path))
     assert read(tmp_path, 0)["params"].shape[0] == 2
     assert not os.path.exists(experts.expert_path(str(tmp_path), 1))
-    resumed = experts.run(make_config(npz_path), str(tmp_path))
+    resumed = experts_run.run(make_config(npz_path), str(tmp_path))
     for i in range(2):
         for name, value in read(folder, i).items():
             np.testing.assert_array_equal(read(tmp_path, i)[name], value)
     assert resumed == summary
     # Nothing left to do: no training, same files.
     before = os.path.getmtime(experts.expert_path(str(tmp_path), 0))
-    experts.run(make_config(npz_path), str(tmp_path))
+    experts_run.run(make_config(npz_path), str(tmp_path))
     assert os.path.getmtime(experts.expert_path(str(tmp_path), 0)) == before
 
 
@@ -105,10 +105,10 @@ def test_groups_of_two_with_padding_and_mixed_epochs_match_group_one(npz_path, f
     # First a lone expert in a padded group of 2, then expert 0 (1 epoch done) and expert 1
     # (none) share a group while standing at different epochs.
     grouped = {"experts.group": 2}
-    experts.run(
+    experts_run.run(
         make_config(npz_path, **grouped, **{"experts.num": 1, "experts.epochs": 1}), str(tmp_path)
     )
-    experts.run(make_config(npz_path, **grouped), str(tmp_path))
+    experts_run.run(make_config(npz_path, **grouped), str(tmp_path))
     for i in range(2):
         np.testing.assert_allclose(
             read(tmp_path, i)["params"], read(folder, i)["params"], rtol=1e-5, atol=1e-5
@@ -118,12 +118,12 @@ def test_groups_of_two_with_padding_and_mixed_epochs_match_group_one(npz_path, f
 def test_resume_with_another_config_names_the_field(npz_path, fresh):
     folder, _ = fresh
     with pytest.raises(ConfigError, match=r"experts\.lr: stored 0\.01, current 0\.02"):
-        experts.run(make_config(npz_path, **{"experts.lr": 0.02}), str(folder))
+        experts_run.run(make_config(npz_path, **{"experts.lr": 0.02}), str(folder))
 
 
 def test_momentum_is_refused(npz_path, tmp_path):
     with pytest.raises(ConfigError, match="experts.momentum must be 0"):
-        experts.run(make_config(npz_path, **{"experts.momentum": 0.9}), str(tmp_path))
+        experts_run.run(make_config(npz_path, **{"experts.momentum": 0.9}), str(tmp_path))
     assert not os.listdir(tmp_path)
 
 

@@ -137,7 +137,7 @@ MTT = {
     "mtt.expert_epochs": 1,
     "mtt.max_start_epoch": 2,
     "mtt.batch_syn": 4,
-    "distill.dsa": False,  # a smaller program; DSA in the student is tested in test_mtt
+    "distill.dsa": False,  # a smaller program; DSA in the student is tested in test_steps_mtt
     "mtt.remat": "off",
 }
 

@@ -51,7 +51,7 @@ RECORDED_ON = "Intel(R) Xeon(R) Processor"
 
 # sha256 of each array of distilled.npz, before the split. DM and MTT re-recorded at 7949fec,
 # where the MI term's image gradient came to be taken apart from the base's (issue 13): for DM
-# that changes only the float rounding (tests/test_mi_weight.py checks the step against base +
+# that changes only the float rounding (tests/test_steps_core.py checks the step against base +
 # weight * MI written by hand); for MTT the MI term no longer reaches the lr and labels or flows
 # back through the unroll, by design. DSA's bytes did not change.
 SHA256 = {

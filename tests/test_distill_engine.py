@@ -61,7 +61,7 @@ def read(path):
 
 
 def test_sigterm_checkpoints_and_the_restart_gives_identical_bytes(fake_npz, tmp_path, monkeypatch):
-    # Evaluated at the end only: the schedule is tests/test_eval_schedule.py's business.
+    # Evaluated at the end only: the schedule is tests/test_distill_eval_schedule.py's business.
     config = config_for(fake_npz, 2, **{"mi.weight": 0.1, "distill.eval_every": 0})
     distill.run(config, str(tmp_path / "straight"))
 

@@ -41,7 +41,7 @@ MTT = {
     "mtt.learn_lr": True,
     "mtt.learn_labels": True,
     "distill.lr": 10.0,
-    "distill.dsa": False,  # a smaller program; the student's DSA is tested in test_mtt
+    "distill.dsa": False,  # a smaller program; the student's DSA is tested in test_steps_mtt
 }
 
 

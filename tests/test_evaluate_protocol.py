@@ -217,7 +217,7 @@ def test_evaluate_from_config_uses_the_lr_it_is_given(dataset, monkeypatch):
 
 def test_an_mtt_state_is_evaluated_with_its_own_lr_and_the_others_with_eval_lr():
     """distill.run evaluates with state_lib.student_lr(state); after MTT steps that is the learned
-    lr (tests/test_resume_methods.py checks the lr a real MTT run evaluates with)."""
+    lr (tests/test_distill_resume.py checks the lr a real MTT run evaluates with)."""
     dataset = fake_dataset(C, PER_CLASS, HW)
     lrs = {"mtt.lr_teacher": 0.02, "eval.lr": 0.01}
     mtt = tiny_config("mtt,ipc1", **lrs)

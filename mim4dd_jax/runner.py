@@ -1,0 +1,105 @@
+"""The shell every mode (coreset, distill, experts, evaluate) runs in: one prologue, one epilogue
+and one answer to "is this workdir mine?".
+
+Prologue (:func:`start`): the workdir is claimed (checked, nothing created), the data loaded
+unwhitened, the mode's data-dependent checks run; only when all of them pass is the workdir
+created and the ZCA fit (if any) cached in it. So a user mistake never leaves a folder behind.
+Epilogue (:func:`finish`): the summary goes to metrics.jsonl and, with the machine, to
+``results.json`` (atomically).
+
+A workdir's owner is read from the files each mode leaves (no marker file, so workdirs written
+before this module stay readable): ``meta.json`` = experts, ``config.json`` = distill, a
+``results.json`` with ``"mode": "evaluate"`` = evaluate, any other ``results.json`` = coreset.
+A mode refuses a workdir another mode owns; whether a workdir of its own mode holds *the same*
+run (resume) stays the mode's own check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any, Generic, NamedTuple, TypeVar
+
+from mim4dd_jax import artifacts
+from mim4dd_jax import data as data_lib
+from mim4dd_jax.errors import ConfigError, check_choice
+
+RESULTS = "results.json"
+MODES = ("coreset", "distill", "experts", "evaluate")
+# The file that marks each mode's workdir from its first moments (coreset and evaluate write
+# only results.json, at the end).
+_MARKERS = (("meta.json", "experts"), ("config.json", "distill"))
+
+T = TypeVar("T")
+
+
+def owner(workdir: str) -> str | None:
+    """The mode whose run ``workdir`` holds (one of :data:`MODES`), or None for a new or empty
+    folder (or one holding none of the modes' files)."""
+    for name, mode in _MARKERS:
+        if os.path.exists(os.path.join(workdir, name)):
+            return mode
+    results = os.path.join(workdir, RESULTS)
+    if not os.path.isfile(results):
+        return None
+    try:
+        with open(results) as f:
+            stored = json.load(f)
+    except (OSError, ValueError):
+        return "unknown"  # unreadable: never overwrite it
+    if not isinstance(stored, dict):
+        return "unknown"
+    return "evaluate" if stored.get("mode") == "evaluate" else "coreset"
+
+
+def claim(workdir: str, mode: str) -> str:
+    """The absolute ``workdir`` for a ``mode`` run, checked without creating anything
+    (``artifacts.check_workdir``). ConfigError, naming the owner, if another mode's run is
+    there: its files (results.json, distilled.npz, ...) would be overwritten or mixed."""
+    check_choice("mode", mode, MODES)
+    workdir = artifacts.check_workdir(workdir)
+    found = owner(workdir)
+    if found not in (None, mode):
+        article = "an" if found[0] in "aeiou" else "a"
+        raise ConfigError(
+            f"workdir {workdir!r} holds another run's results ({article} {found} run); "
+            f"choose a new --workdir for this {mode} run"
+        )
+    return workdir
+
+
+class Started(NamedTuple, Generic[T]):
+    """What :func:`start` hands the mode: the created workdir (absolute), the dataset (whitened
+    when the config says so) and whatever the mode's ``checks`` returned."""
+
+    workdir: str
+    dataset: data_lib.Dataset
+    checked: T
+
+
+def start(
+    config: Any,
+    workdir: str,
+    mode: str,
+    checks: Callable[[data_lib.Dataset, str], T] | None = None,
+) -> Started[T]:
+    """The prologue of a ``mode`` run: claim ``workdir``, load ``config.data`` unwhitened, run
+    ``checks(dataset, workdir)`` (the mode's data-dependent checks; they raise ConfigError and
+    may return what they read), then create the workdir and whiten into its ZCA cache."""
+    workdir = claim(workdir, mode)
+    dataset = data_lib.load_from_config(config.data, whitened=False)
+    checked = checks(dataset, workdir) if checks is not None else None
+    workdir = artifacts.prepare_workdir(workdir)
+    dataset = data_lib.whiten_from_config(dataset, config.data, cache_dir=workdir)
+    return Started(workdir, dataset, checked)
+
+
+def finish(workdir: str, summary: dict[str, Any], *, log: bool = True) -> dict[str, Any]:
+    """The epilogue: ``summary`` as metrics.jsonl row 0 (``log``; modes that log as they go pass
+    False), then with ``machine`` added as ``workdir/results.json``. Returns the summary."""
+    if log:
+        artifacts.MetricWriter(workdir).write(0, **summary)
+    summary["machine"] = artifacts.machine()
+    artifacts.write_json(os.path.join(workdir, RESULTS), summary)
+    return summary
