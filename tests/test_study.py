@@ -17,6 +17,7 @@ from mim4dd_jax import artifacts
 
 sys.path.insert(0, ROOT)
 from benchmarks import study as study_lib  # noqa: E402
+from benchmarks import study_report, study_spec  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -86,10 +87,10 @@ def test_study_runs_tabulates_pairs_and_skips_done_cells(
     path = write_study(str(tmp_path / "studies" / "tiny"), npz_path)
     runs_root = str(tmp_path / "runs")
     assert study_lib.main([path, "--runs_root", runs_root, "--quiet"]) == 0
-    study = study_lib.load_study(path, runs_root)
+    study = study_spec.load_study(path, runs_root)
     assert [c.name for c in study.cells] == ["dm-distill.lr=0.1", "dm-distill.lr=10.0"]
 
-    results = study_lib.load_results(study)
+    results = study_spec.load_results(study)
     assert sorted(results) == sorted((c.name, s) for c in study.cells for s in (0, 1))
     record = results[("dm-distill.lr=0.1", 0)]
     # Iteration 0 (the initial set) is evaluated, then every 2 iterations and at the end.
@@ -286,15 +287,15 @@ def test_bad_study_files_are_one_line_errors(tmp_path, text, message, capsys):
 
 
 def test_only_selects_cells_and_names_the_valid_ones(tmp_path, npz_path):
-    study = study_lib.load_study(write_study(str(tmp_path / "s"), npz_path))
-    assert [c.name for c in study_lib.select(study.cells, ["*=10.0"])] == ["dm-distill.lr=10.0"]
-    with pytest.raises(study_lib.StudyError, match="matches no cell; cells: dm"):
-        study_lib.select(study.cells, ["nope"])
+    study = study_spec.load_study(write_study(str(tmp_path / "s"), npz_path))
+    assert [c.name for c in study_spec.select(study.cells, ["*=10.0"])] == ["dm-distill.lr=10.0"]
+    with pytest.raises(study_spec.StudyError, match="matches no cell; cells: dm"):
+        study_spec.select(study.cells, ["nope"])
 
 
 def test_machine_labels_name_the_accelerator_off_cpu():
     gpu = {"cpu": "AMD EPYC", "cores": 16, "backend": "gpu", "devices": "1x NVIDIA H200"}
     cpu = {"cpu": "Intel(R) Xeon(R) Processor", "cores": 2, "backend": "cpu", "devices": "1x cpu"}
-    assert study_lib._machine_name(gpu) == "1x NVIDIA H200"
-    assert study_lib._machine_name(cpu) == "Intel(R) Xeon(R) Processor x2"
-    assert study_lib._machine_name(None) == "-"  # records from before the field existed
+    assert study_report._machine_name(gpu) == "1x NVIDIA H200"
+    assert study_report._machine_name(cpu) == "Intel(R) Xeon(R) Processor x2"
+    assert study_report._machine_name(None) == "-"  # records from before the field existed

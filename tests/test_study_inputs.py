@@ -11,6 +11,7 @@ from helpers import ROOT, cli_env
 
 sys.path.insert(0, ROOT)
 from benchmarks import study as study_lib  # noqa: E402
+from benchmarks import study_spec  # noqa: E402
 
 GOOD = """
 [[cells]]
@@ -153,8 +154,8 @@ def test_config_problems_of_every_cell_are_reported_not_only_the_first(tmp_path)
         "eval.models" = ["convnet", "nope"]
         """
     )
-    with pytest.raises(study_lib.StudyError) as e:
-        study_lib.load_study(write(tmp_path, text), check_configs=True)
+    with pytest.raises(study_spec.StudyError) as e:
+        study_spec.load_study(write(tmp_path, text), check_configs=True)
     lines = str(e.value).splitlines()
     assert len(lines) == 2
     assert "cell 'b': distill.lr must be > 0" in lines[0]
@@ -165,9 +166,9 @@ def test_unquoted_dotted_keys_name_the_same_field(tmp_path):
     # TOML reads distill.iterations = 4 as a nested table: it is the field distill.iterations,
     # not a replacement of the whole distill block.
     text = '[[cells]]\nname = "a"\narg = "dm,ipc1"\n[cells.overrides]\ndistill.iterations = 4\n'
-    study = study_lib.load_study(write(tmp_path, text), check_configs=True)
+    study = study_spec.load_study(write(tmp_path, text), check_configs=True)
     assert dict(study.cells[0].overrides) == {"distill.iterations": 4}
-    config = study_lib.cell_config(study.cells[0], 0)
+    config = study_spec.cell_config(study.cells[0], 0)
     assert config.distill.iterations == 4 and config.distill.lr == 1.0
 
 
@@ -186,8 +187,8 @@ def test_the_checked_config_is_the_one_run_py_builds(tmp_path):
         "mi.weight" = [0, 0.5]
         """
     )
-    study = study_lib.load_study(write(tmp_path, text), check_configs=True)
-    config = study_lib.cell_config(study.cells[1], 3)
+    study = study_spec.load_study(write(tmp_path, text), check_configs=True)
+    config = study_spec.cell_config(study.cells[1], 3)
     assert config.seed == 3 and config.ipc == 10 and config.distill.iterations == 7
     assert config.mi.weight == 0.5 and tuple(config.eval.models) == ("convnet", "alexnet")
 
@@ -195,7 +196,7 @@ def test_the_checked_config_is_the_one_run_py_builds(tmp_path):
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "benchmarks", "studies"))))
 def test_committed_study_files_pass_the_structural_checks(name):
     path = os.path.join(ROOT, "benchmarks", "studies", name, "study.toml")
-    study = study_lib.load_study(path)
+    study = study_spec.load_study(path)
     assert study.cells
 
 
@@ -204,7 +205,7 @@ def test_committed_studies_build_every_config(name):
     # mim4dd_paper declares fields (distill.eval_at, mi.through_unroll, ...) that are added by
     # the issues it was declared for; it is checked, like any study, when it is run.
     path = os.path.join(ROOT, "benchmarks", "studies", name, "study.toml")
-    assert study_lib.load_study(path, check_configs=True).cells
+    assert study_spec.load_study(path, check_configs=True).cells
 
 
 def test_checking_configs_touches_no_device(tmp_path):
@@ -212,8 +213,8 @@ def test_checking_configs_touches_no_device(tmp_path):
     path = write(tmp_path, GOOD)
     code = (
         "import sys; sys.path.insert(0, '.');"
-        "from benchmarks import study;"
-        f"study.load_study({path!r}, check_configs=True);"
+        "from benchmarks import study, study_spec;"
+        f"study_spec.load_study({path!r}, check_configs=True);"
         "from jax._src import xla_bridge;"
         "print(xla_bridge.backends_are_initialized())"
     )

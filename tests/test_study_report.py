@@ -1,4 +1,5 @@
-"""The study runner's selection and MI diagnostics (benchmarks/study.py), without running run.py:
+"""The study runner's selection and MI diagnostics (benchmarks/study.py, study_spec.py,
+study_report.py and study_mi.py), without running run.py:
 grid cell names (which hold commas) can be selected with --only, the per-step trace keeps the
 diagnostics fields, --add_traces fills old results without touching their commit, and the
 report gains an MI diagnostics table and plot computed from the traces."""
@@ -12,6 +13,7 @@ from helpers import ROOT
 
 sys.path.insert(0, ROOT)
 from benchmarks import study as study_lib  # noqa: E402
+from benchmarks import study_mi, study_report, study_spec  # noqa: E402
 
 STUDY = """
 config = "configs/fashion_mnist.py"
@@ -36,7 +38,7 @@ def study(tmp_path):
     folder = tmp_path / "studies" / "s"
     folder.mkdir(parents=True)
     (folder / "study.toml").write_text(STUDY)
-    return study_lib.load_study(str(folder / "study.toml"), str(tmp_path / "runs"))
+    return study_spec.load_study(str(folder / "study.toml"), str(tmp_path / "runs"))
 
 
 def metrics_rows(mi_scale):
@@ -61,12 +63,13 @@ def test_only_selects_grid_cells_whose_names_hold_commas(study):
     names = [c.name for c in study.cells]
     assert names == ["base", "g-mi.head=linear,mi.weight=0.3", "g-mi.head=none,mi.weight=0.3"]
     pick = lambda *values: [  # noqa: E731
-        c.name for c in study_lib.select(study.cells, study_lib.only_patterns(study.cells, values))
+        c.name
+        for c in study_spec.select(study.cells, study_spec.only_patterns(study.cells, values))
     ]
     assert pick("g-mi.head=none,mi.weight=0.3") == ["g-mi.head=none,mi.weight=0.3"]
     assert pick("base,g-*linear*") == ["base", "g-mi.head=linear,mi.weight=0.3"]  # legacy commas
     assert pick("base", "g-mi.head=none*") == ["base", "g-mi.head=none,mi.weight=0.3"]
-    with pytest.raises(study_lib.StudyError, match="matches no cell"):
+    with pytest.raises(study_spec.StudyError, match="matches no cell"):
         pick("nothing")
 
 
@@ -87,12 +90,12 @@ def test_trace_keeps_the_training_rows_and_the_diagnostics():
 
 
 def write_result(study, cell, seed, record, metrics=None):
-    path = study_lib.result_path(study, cell, seed)
+    path = study_spec.result_path(study, cell, seed)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(record, f)
     if metrics is not None:
-        workdir = study_lib.workdir_of(study, cell, seed)
+        workdir = study_spec.workdir_of(study, cell, seed)
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in metrics)
@@ -129,8 +132,8 @@ def test_report_has_the_mi_diagnostics_table_and_plot(study):
     for seed in (0, 1):
         write_result(study, base, seed, record(seed, 0.0))
         write_result(study, linear, seed, record(seed, 1.0 + seed))
-    results = study_lib.load_results(study)
-    diag = study_lib.diagnostics_frame(study, results).to_dict("records")
+    results = study_spec.load_results(study)
+    diag = study_mi.diagnostics_frame(study, results).to_dict("records")
     assert [r["cell"] for r in diag] == [linear.name]  # the base has no MI term
     (row,) = diag
     assert row["seeds"] == 2
@@ -140,6 +143,31 @@ def test_report_has_the_mi_diagnostics_table_and_plot(study):
     # MI summed over layers, seed mean: first log 0.1*1*10+0.2 and 0.1*2*10+0.2.
     assert row["mi_first"] == pytest.approx((1.2 + 2.2) / 2)
     assert row["mi_last"] == pytest.approx((3.2 + 6.2) / 2)
-    text = study_lib.report(study)
+    text = study_report.report(study)
     assert "MI term diagnostics" in text and linear.name in text.split("MI term diagnostics")[1]
     assert os.path.getsize(os.path.join(study.runs_dir, "diagnostics.png")) > 1000
+
+
+def test_the_study_modules_import_one_way():
+    # study (CLI, runner) -> study_report -> study_mi -> study_spec (the study file), read with
+    # ast, functions included: no module imports one above it.
+    import ast
+
+    allowed = {
+        "study_spec": set(),
+        "study_mi": {"study_spec"},
+        "study_report": {"study_spec", "study_mi"},
+        "study": {"study_spec", "study_report"},
+    }
+    for name, ok in allowed.items():
+        with open(os.path.join(ROOT, "benchmarks", f"{name}.py")) as f:
+            tree = ast.parse(f.read())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "benchmarks":
+                imported |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("benchmarks."):
+                imported.add(node.module.removeprefix("benchmarks."))
+            elif isinstance(node, ast.Import):
+                imported |= {a.name.removeprefix("benchmarks.") for a in node.names}
+        assert imported & set(allowed) <= ok, (name, imported & set(allowed))

@@ -1,0 +1,251 @@
+"""A study's tables from its committed results: per cell and evaluation model the final and
+best accuracy over seeds, cost and the published number (``summary_frame``), the paired
+differences of cells that differ in one ``compare`` field (``paired_differences``), their
+markdown and the accuracy curves. ``report`` writes table.md, table.csv, paired.csv and
+accuracy.png under the study's runs folder, plus the MI term's diagnostics
+(``benchmarks/study_mi.py``) when a cell has one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from benchmarks.study_mi import diagnostics_frame, diagnostics_markdown, plot_diagnostics
+from benchmarks.study_spec import Cell, Study, load_results
+from mim4dd_jax import artifacts
+
+
+def seed_accuracy(record: Mapping[str, Any], which: str, model: str) -> float | None:
+    """A seed's accuracy (%): the mean over its evaluation models of its final/best evaluation."""
+    entry = record.get(which, {}).get(model)
+    return None if entry is None else 100.0 * float(entry["mean"])
+
+
+def summary_frame(study: Study, results: Mapping[tuple[str, int], Mapping[str, Any]]):
+    """A pandas DataFrame, one row per (cell, evaluation model)."""
+    import numpy as np
+    import pandas as pd
+
+    rows = []
+    for cell in study.cells:
+        records = [results[(cell.name, s)] for s in cell.seeds if (cell.name, s) in results]
+        models = sorted({m for r in records for m in r.get("final", {})}) or ["-"]
+        for model in models:
+            row: dict[str, Any] = {
+                "cell": cell.name,
+                "arg": cell.arg,
+                "model": model,
+                "seeds": f"{len(records)}/{len(cell.seeds)}",
+            }
+            for which in ("final", "best"):
+                accs = [seed_accuracy(r, which, model) for r in records]
+                accs = np.array([a for a in accs if a is not None])
+                row[f"{which}_mean"] = accs.mean() if accs.size else math.nan
+                row[f"{which}_std"] = accs.std(ddof=1) if accs.size > 1 else math.nan
+            row["models"] = ",".join(sorted({str(r.get("num_models")) for r in records})) or "-"
+            iters = sorted({int(r.get("iterations", 0)) for r in records})
+            row["iterations"] = ",".join(map(str, iters)) or "-"
+            for key, scale in (("s_per_iter", 1.0), ("peak_rss_bytes", 2.0**-30)):
+                vals = [r[key] * scale for r in records if r.get(key) is not None]
+                row[key if scale == 1 else "peak_rss_gib"] = np.mean(vals) if vals else math.nan
+            walls = [r["wall_s"] / 60 for r in records if r.get("wall_s")]
+            row["wall_min"] = np.mean(walls) if walls else math.nan
+            # Older records lack it; s/iter and wall time compare only within one machine.
+            machines = {_machine_name(r.get("results", {}).get("machine")) for r in records}
+            row["machine"] = "; ".join(sorted(machines)) or "-"
+            row["published"] = cell.published if cell.published is not None else math.nan
+            row["final_minus_published"] = row["final_mean"] - row["published"]
+            row["best_minus_published"] = row["best_mean"] - row["published"]
+            row["published_note"] = cell.published_note
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _machine_name(machine: Mapping[str, Any] | None) -> str:
+    """A short label of results.json's ``machine``: the devices off CPU, else the CPU x cores."""
+    if not machine:
+        return "-"
+    if machine.get("backend") not in (None, "cpu"):
+        return str(machine.get("devices"))
+    return f"{machine.get('cpu')} x{machine.get('cores')}"
+
+
+def differing_field(a: Cell, b: Cell) -> str | None:
+    """The one override in which two cells of the same config and arg differ, else None."""
+    if a.key() != b.key():
+        return None
+    keys = set(a.overrides) | set(b.overrides)
+    diff = [k for k in sorted(keys) if a.overrides.get(k) != b.overrides.get(k)]
+    return diff[0] if len(diff) == 1 else None
+
+
+def paired_differences(study: Study, results: Mapping[tuple[str, int], Mapping[str, Any]]):
+    """A DataFrame of b - a over the shared seeds for every pair of cells that differ only in
+    one of ``study.compare``: mean, standard error, 95% t-interval (scipy), per model and for
+    both the final and the best evaluation."""
+    import numpy as np
+    import pandas as pd
+    from scipy import stats
+
+    rows = []
+    for i, a in enumerate(study.cells):
+        for b in study.cells[i + 1 :]:
+            name = differing_field(a, b)
+            if name is None or name not in study.compare:
+                continue
+            seeds = [s for s in a.seeds if (a.name, s) in results and (b.name, s) in results]
+            if not seeds:
+                continue
+            models = set(results[(a.name, seeds[0])].get("final", {}))
+            for model in sorted(models):
+                for which in ("final", "best"):
+                    xa = np.array(
+                        [seed_accuracy(results[(a.name, s)], which, model) for s in seeds]
+                    )
+                    xb = np.array(
+                        [seed_accuracy(results[(b.name, s)], which, model) for s in seeds]
+                    )
+                    d = xb - xa
+                    lo = hi = se = math.nan
+                    if len(d) > 1:
+                        se = float(stats.sem(d))
+                        if se > 0:
+                            ci = stats.ttest_rel(xb, xa).confidence_interval(0.95)
+                            lo, hi = float(ci.low), float(ci.high)
+                        else:
+                            lo = hi = float(d.mean())
+                    rows.append(
+                        {
+                            "field": name,
+                            "a": f"{a.name} ({name}={a.overrides.get(name)})",
+                            "b": f"{b.name} ({name}={b.overrides.get(name)})",
+                            "model": model,
+                            "which": which,
+                            "seeds": len(d),
+                            "mean_diff": float(d.mean()),
+                            "se": se,
+                            "ci95_low": lo,
+                            "ci95_high": hi,
+                        }
+                    )
+    return pd.DataFrame(rows)
+
+
+def _pm(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def _num(value: float, fmt: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt % value
+
+
+def markdown(study: Study, table, diffs) -> str:
+    """The study's tables as markdown (accuracies in %)."""
+    lines = [f"# Study `{study.name}`", ""]
+    if study.description:
+        lines += [study.description.strip(), ""]
+    lines += [
+        "Accuracy (%) over seeds (each seed = the mean over its evaluation models); "
+        "final = last evaluation, best = best evaluation over the run.",
+        "",
+        "| cell | arg | model | seeds | models/seed | iterations | final | best | published "
+        "| final − pub | best − pub | s/iter | peak RSS GiB | wall min/seed | machine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in table.to_dict("records"):
+        lines.append(
+            f"| {r['cell']} | {r['arg']} | {r['model']} | {r['seeds']} | {r['models']} | "
+            f"{r['iterations']} | {_pm(r['final_mean'], r['final_std'])} | "
+            f"{_pm(r['best_mean'], r['best_std'])} | {_num(r['published'], '%.1f')} | "
+            f"{_num(r['final_minus_published'], '%+.2f')} | "
+            f"{_num(r['best_minus_published'], '%+.2f')} | {_num(r['s_per_iter'], '%.3f')} | "
+            f"{_num(r['peak_rss_gib'], '%.2f')} | {_num(r['wall_min'], '%.1f')} | "
+            f"{r['machine']} |"
+        )
+    if len(diffs):
+        lines += [
+            "",
+            "Paired differences b − a (accuracy points) over the shared seeds, 95% t-interval:",
+            "",
+            "| field | a | b | model | eval | seeds | mean | SE | 95% CI |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in diffs.to_dict("records"):
+            ci = (
+                "-"
+                if math.isnan(r["ci95_low"])
+                else f"[{r['ci95_low']:+.2f}, {r['ci95_high']:+.2f}]"
+            )
+            lines.append(
+                f"| {r['field']} | {r['a']} | {r['b']} | {r['model']} | {r['which']} | "
+                f"{r['seeds']} | {r['mean_diff']:+.2f} | {_num(r['se'], '%.2f')} | {ci} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(study: Study, results: Mapping[tuple[str, int], Mapping[str, Any]], path: str) -> None:
+    """Accuracy against iteration: one line per cell (first evaluation model), ± std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import numpy as np
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for cell in study.cells:
+        records = [results[(cell.name, s)] for s in cell.seeds if (cell.name, s) in results]
+        curves = []
+        for r in records:
+            evals = r.get("evaluations", {})
+            if evals:
+                model = sorted(evals)[0]
+                curves.append({e["iteration"]: 100 * e["mean"] for e in evals[model]})
+        if not curves:
+            continue
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        if not steps:
+            continue
+        acc = np.array([[c[s] for s in steps] for c in curves])
+        mean, std = acc.mean(0), acc.std(0)
+        (line,) = ax.plot(steps, mean, marker="o", ms=3, label=f"{cell.name} (n={len(curves)})")
+        if len(curves) > 1:
+            ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(study.name)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7)
+    with artifacts.atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def report(study: Study) -> str:
+    """Writes table.md, table.csv, paired.csv and accuracy.png under the study's runs folder (and,
+    when a cell has an MI term, diagnostics.png and the diagnostics table in table.md); returns
+    the markdown."""
+    results = load_results(study)
+    table = summary_frame(study, results)
+    diffs = paired_differences(study, results)
+    os.makedirs(study.runs_dir, exist_ok=True)
+    text = markdown(study, table, diffs)
+    with artifacts.atomic_write(os.path.join(study.runs_dir, "table.md"), "w") as f:
+        f.write(text)
+    with artifacts.atomic_write(os.path.join(study.runs_dir, "table.csv"), "w") as f:
+        table.to_csv(f, index=False)
+    with artifacts.atomic_write(os.path.join(study.runs_dir, "paired.csv"), "w") as f:
+        diffs.to_csv(f, index=False)
+    plot(study, results, os.path.join(study.runs_dir, "accuracy.png"))
+    diag = diagnostics_frame(study, results)
+    if len(diag):
+        plot_diagnostics(study, results, os.path.join(study.runs_dir, "diagnostics.png"))
+        text += diagnostics_markdown(diag)
+        with artifacts.atomic_write(os.path.join(study.runs_dir, "table.md"), "w") as f:
+            f.write(text)
+    return text
