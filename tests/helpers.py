@@ -56,6 +56,21 @@ TINY = {
 }
 
 
+# A tiny MTT run (2-step unroll, learned lr and soft labels): test_distill_resume and
+# test_split_bytes (which pins hashes of runs with it: change it only with them).
+TINY_MTT = {
+    "mtt.syn_steps": 2,
+    "mtt.expert_epochs": 1,
+    "mtt.max_start_epoch": 2,
+    "mtt.batch_syn": 4,
+    "mtt.remat": "off",
+    "mtt.learn_lr": True,
+    "mtt.learn_labels": True,
+    "distill.lr": 10.0,
+    "distill.dsa": False,  # a smaller program; the student's DSA is tested in test_steps_mtt
+}
+
+
 def fake_dataset(num_classes: int = 3, per_class: int = 12, hw: int = 8):
     """num_classes classes of hw x hw x 1 gaussian images whose mean is the class index."""
     import jax

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import TINY_MTT, tiny_config
 from jax.flatten_util import ravel_pytree
 
 from mim4dd_jax import checkpoint, data, distill, inner, models
@@ -32,17 +32,7 @@ SMALL = {
     "distill.log_every": 1,
     "eval.num_models": 1,
 }
-MTT = {
-    "mtt.syn_steps": 2,
-    "mtt.expert_epochs": 1,
-    "mtt.max_start_epoch": 2,
-    "mtt.batch_syn": 4,
-    "mtt.remat": "off",
-    "mtt.learn_lr": True,
-    "mtt.learn_labels": True,
-    "distill.lr": 10.0,
-    "distill.dsa": False,  # a smaller program; the student's DSA is tested in test_steps_mtt
-}
+MTT = TINY_MTT
 
 
 class Crash(Exception):

@@ -14,7 +14,7 @@ import types
 import jax
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import TINY_MTT, tiny_config
 from jax.flatten_util import ravel_pytree
 
 from mim4dd_jax import artifacts, data, distill, inner, models, state, steps
@@ -31,18 +31,7 @@ RUN = {
     "eval.epochs": 1,
     "mi.weight": 0.5,
 }
-MTT = {
-    "mtt.syn_steps": 2,
-    "mtt.expert_epochs": 1,
-    "mtt.max_start_epoch": 2,
-    "mtt.batch_syn": 4,
-    "mtt.remat": "off",
-    "mtt.learn_lr": True,
-    "mtt.learn_labels": True,
-    "distill.lr": 10.0,
-    "distill.dsa": False,
-    "mtt.experts_dir": "patched in",
-}
+MTT = {**TINY_MTT, "mtt.experts_dir": "patched in"}
 RECORDED_WITH = "0.10.2"  # jax.__version__
 # ... on this CPU kind: XLA:CPU compiles for the host's vector units (AVX2, AVX-512), and the
 # float rounding of the same program differs between them.
