@@ -371,9 +371,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         chunks, size = _chunks(todo, resolve_group(ex.group, len(todo)))
         # A chunk runs until its least-trained member is done.
         total = sum(ex.epochs - min(done[i] for i in chunk) for chunk in chunks)
-        # disable=None: no bar when stderr is not a terminal (CI logs stay short).
-        bar = tqdm(total=total, desc="experts", unit="epoch", dynamic_ncols=True, disable=None)
-        with bar:
+        with artifacts.progress_bar("experts", total) as bar:
             for chunk in chunks:
                 _train_chunk(
                     chunk,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -53,6 +53,18 @@ MIFeaturesFn = Callable[[jax.Array, Any], tuple[Sequence[jax.Array], Sequence[ja
 
 # Keeps the ratios finite when a gradient is exactly zero.
 _TINY = 1e-30
+
+
+class _MIGrads(NamedTuple):
+    """The MI term of one step: its value (a loss), mi.mi_loss's aux, its gradients
+    {"images", "heads"}, the norm of the part of the image gradient that comes through the
+    unroll (``mi.through_unroll`` only, else None) and the memory banks it read (or None)."""
+
+    value: jax.Array
+    aux: Any
+    grads: State
+    unroll_norm: jax.Array | None
+    banks: Any
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -129,6 +141,95 @@ class StepContext:
             return jax.nn.softmax(lax.stop_gradient(labels), axis=-1)
         return self.syn_classes
 
+    def _base_and_mi_grads(
+        self,
+        base_fn: BaseLossFn,
+        mi_features: MIFeaturesFn | None,
+        learned: State,
+        st: State,
+        args: tuple[Any, ...],
+        keep: jax.Array,
+    ) -> tuple[jax.Array, Metrics, State, _MIGrads]:
+        """(base, aux, grads of the base loss by learned part, the MI term's value and
+        gradients): the two gradients apart, through the unroll or with the networks held fixed
+        (see :meth:`grad_and_update`). keep: [N, 1, 1, 1] 1 for the images that learn."""
+        if mi_features is None:
+            raise ConfigError(
+                f"method {self.config.method!r} does not provide MI features; valid: "
+                "mi.weight=0 for it"
+            )
+        syn_labels, banks = self.mi_labels(st), st.get("banks")
+
+        def mi_term(images: jax.Array, heads: Any, carry: Any) -> tuple[jax.Array, Any]:
+            real_blocks, syn_blocks = mi_features(images, carry)
+            return mi.mi_loss(
+                mi.Heads(heads, self.mi_config),
+                real=[lax.stop_gradient(real_blocks[layer]) for layer in self.layers],
+                syn=[syn_blocks[layer] for layer in self.layers],
+                real_labels=self.real_labels,
+                syn_labels=syn_labels,
+                banks=banks,
+            )
+
+        if not self.config.mi.through_unroll:
+            (base, (aux, carry)), grads = jax.value_and_grad(base_fn, has_aux=True)(
+                learned, st, *args
+            )
+            # The networks in carry are held fixed: the MI gradient reaches the images through
+            # their features only.
+            carry = lax.stop_gradient(carry)
+            mi_in = {"images": learned["images"], "heads": learned["heads"]}
+            (value, aux_mi), g_mi = jax.value_and_grad(
+                lambda x: mi_term(x["images"], x["heads"], carry), has_aux=True
+            )(mi_in)
+            return base, aux, grads, _MIGrads(value, aux_mi, g_mi, None, banks)
+        base, aux, value, aux_mi, grads, g_mi, carry = _joint_grads(
+            base_fn, mi_term, learned, st, args
+        )
+        # Diagnostic: how much of the MI pull comes through the unroll, i.e. differs from the
+        # pull with the networks held fixed (one more pass over the features).
+        fixed = lax.stop_gradient(carry)
+        g_fixed = jax.grad(lambda x: mi_term(x, learned["heads"], fixed)[0])(learned["images"])
+        g_through = (g_mi["images"] - g_fixed) * keep
+        unroll_norm = jnp.sqrt(jnp.sum(g_through * g_through))
+        return base, aux, grads, _MIGrads(value, aux_mi, g_mi, unroll_norm, banks)
+
+    def _weigh(
+        self,
+        term: _MIGrads,
+        grads: State,
+        base: jax.Array,
+        g_base: jax.Array,
+        norm_base: jax.Array,
+        keep: jax.Array,
+    ) -> tuple[State, jax.Array, Metrics]:
+        """(grads with lambda * g_mi added to the images and the heads' gradient, the total
+        loss, the MI metrics): lambda = mi.weight, or (relative) the ratio of pulls."""
+        g_mi_images = term.grads["images"] * keep
+        norm_mi = jnp.sqrt(jnp.sum(g_mi_images * g_mi_images))
+        if self.config.mi.weight_mode == "relative":
+            # The weight is a ratio of pulls; lambda is a constant of this step.
+            lam = mi.relative_weight(g_base, g_mi_images, self.weight)
+            head_scale = 1.0  # the heads maximise the bound itself, at their own lr
+        else:
+            lam = jnp.float32(self.weight)
+            head_scale = lam
+        grads = dict(grads)
+        grads["images"] = grads["images"] + lam * term.grads["images"]
+        grads["heads"] = jax.tree.map(lambda g: head_scale * g, term.grads["heads"])
+        total = base + lam * term.value
+        dot = jnp.sum(g_base * g_mi_images)
+        metrics: Metrics = {
+            "mi": term.aux["mi"],
+            "grad_norm_mi": lam * norm_mi,
+            "grad_cos": dot / (norm_base * norm_mi + _TINY),
+            "grad_ratio": lam * norm_mi / (norm_base + _TINY),
+            "mi_lambda": lam,
+        }
+        if term.unroll_norm is not None:
+            metrics["mi_unroll_share"] = term.unroll_norm / (norm_mi + _TINY)
+        return grads, total, metrics
+
     def grad_and_update(
         self,
         base_fn: BaseLossFn,
@@ -146,8 +247,8 @@ class StepContext:
         arrives stop-gradient); with ``mi.through_unroll`` (MTT) ``carry`` keeps its gradient,
         so the MI term also pulls on the images through the networks the base loss built from
         them (the student's unroll), see :func:`_joint_grads`. The two image gradients are
-        taken separately, so they can be
-        logged and weighted: ``mi.weight_mode="absolute"`` adds weight * g_mi, "relative" adds
+        taken separately (:meth:`_base_and_mi_grads`), so they can be logged and weighted
+        (:meth:`_weigh`): ``mi.weight_mode="absolute"`` adds weight * g_mi, "relative" adds
         lambda * g_mi with lambda = weight * |g_base| / |g_mi| (so weight is the ratio of the
         two pulls). Only the images and the heads get MI gradient (never MTT's lr or labels).
         Metrics: grad_norm_base, grad_norm_mi (after the weight), grad_cos (of the two image
@@ -155,89 +256,30 @@ class StepContext:
         ``mi.through_unroll`` also mi_unroll_share, |g_mi - g_mi with the networks held fixed| /
         |g_mi|: the part of the MI pull that comes through the unroll.
         """
-        parts, txs, real_labels = self.parts, self.txs, self.real_labels
+        parts, txs = self.parts, self.txs
         learned = {name: st[name] for name in parts}
         keep = st["trainable"].astype(jnp.float32).reshape(-1, *([1] * len(self.shape)))
         new, opt = dict(st), dict(st["opt_state"])
         if not self.weight:
             (base, (aux, _)), grads = jax.value_and_grad(base_fn, has_aux=True)(learned, st, *args)
+            term = None
         else:
-            if mi_features is None:
-                raise ConfigError(
-                    f"method {self.config.method!r} does not provide MI features; valid: "
-                    "mi.weight=0 for it"
-                )
-            syn_labels, banks = self.mi_labels(st), st.get("banks")
-
-            def mi_term(images: jax.Array, heads: Any, carry: Any) -> tuple[jax.Array, Any]:
-                real_blocks, syn_blocks = mi_features(images, carry)
-                return mi.mi_loss(
-                    mi.Heads(heads, self.mi_config),
-                    real=[lax.stop_gradient(real_blocks[layer]) for layer in self.layers],
-                    syn=[syn_blocks[layer] for layer in self.layers],
-                    real_labels=real_labels,
-                    syn_labels=syn_labels,
-                    banks=banks,
-                )
-
-            unroll_share = None
-            if self.config.mi.through_unroll:
-                base, aux, mi_value, mi_aux, grads, g_mi, carry = _joint_grads(
-                    base_fn, mi_term, learned, st, args
-                )
-                # Diagnostic: how much of the MI pull comes through the unroll, i.e. differs
-                # from the pull with the networks held fixed (one more pass over the features).
-                fixed = lax.stop_gradient(carry)
-                g_fixed = jax.grad(lambda x: mi_term(x, learned["heads"], fixed)[0])(
-                    learned["images"]
-                )
-                g_through = (g_mi["images"] - g_fixed) * keep
-                unroll_share = jnp.sqrt(jnp.sum(g_through * g_through))
-            else:
-                (base, (aux, carry)), grads = jax.value_and_grad(base_fn, has_aux=True)(
-                    learned, st, *args
-                )
-                # The networks in carry are held fixed: the MI gradient reaches the images
-                # through their features only.
-                carry = lax.stop_gradient(carry)
-                mi_in = {"images": learned["images"], "heads": learned["heads"]}
-                (mi_value, mi_aux), g_mi = jax.value_and_grad(
-                    lambda x: mi_term(x["images"], x["heads"], carry), has_aux=True
-                )(mi_in)
+            base, aux, grads, term = self._base_and_mi_grads(
+                base_fn, mi_features, learned, st, args, keep
+            )
         g_base = grads["images"] * keep
         norm_base = jnp.sqrt(jnp.sum(g_base * g_base))
         metrics: Metrics = {"base_loss": base, **aux, "grad_norm_base": norm_base}
         total = base
-        if self.weight:
-            g_mi_images = g_mi["images"] * keep
-            norm_mi = jnp.sqrt(jnp.sum(g_mi_images * g_mi_images))
-            if self.config.mi.weight_mode == "relative":
-                # The weight is a ratio of pulls; lambda is a constant of this step.
-                lam = mi.relative_weight(g_base, g_mi_images, self.weight)
-                head_scale = 1.0  # the heads maximise the bound itself, at their own lr
-            else:
-                lam = jnp.float32(self.weight)
-                head_scale = lam
-            grads = dict(grads)
-            grads["images"] = grads["images"] + lam * g_mi["images"]
-            grads["heads"] = jax.tree.map(lambda g: head_scale * g, g_mi["heads"])
-            total = base + lam * mi_value
-            dot = jnp.sum(g_base * g_mi_images)
-            metrics.update(
-                mi=mi_aux["mi"],
-                grad_norm_mi=lam * norm_mi,
-                grad_cos=dot / (norm_base * norm_mi + _TINY),
-                grad_ratio=lam * norm_mi / (norm_base + _TINY),
-                mi_lambda=lam,
-            )
-            if unroll_share is not None:
-                metrics["mi_unroll_share"] = unroll_share / (norm_mi + _TINY)
-            if banks is not None:
+        if term is not None:
+            grads, total, mi_metrics = self._weigh(term, grads, base, g_base, norm_base, keep)
+            metrics.update(mi_metrics)
+            if term.banks is not None:
                 new["banks"] = tuple(
                     mi.update_memory_bank(
-                        bank, z, real_labels, momentum=self.config.mi.bank_momentum
+                        bank, z, self.real_labels, momentum=self.config.mi.bank_momentum
                     )
-                    for bank, z in zip(banks, mi_aux["real_embeddings"], strict=True)
+                    for bank, z in zip(term.banks, term.aux["real_embeddings"], strict=True)
                 )
         for name in parts:
             updates, opt[name] = txs[name].update(grads[name], opt[name], st[name])
