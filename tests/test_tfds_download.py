@@ -125,10 +125,11 @@ def _cifar10_config(arg: str):
 
 
 @pytest.mark.parametrize(
-    "mode, arg", [("distill", "dm,ipc10"), ("coreset", "random,ipc10"), ("experts", "experts")]
+    "module, arg",
+    [("distill", "dm,ipc10"), ("coreset", "random,ipc10"), ("experts_run", "experts")],
 )
-def test_every_mode_fails_before_creating_its_workdir(tmp_path, offline, mode, arg):
-    mode_module = importlib.import_module(f"mim4dd_jax.{mode}")
+def test_every_mode_fails_before_creating_its_workdir(tmp_path, offline, module, arg):
+    mode_module = importlib.import_module(f"mim4dd_jax.{module}")
     config = _cifar10_config(arg)
     config.data.tfds_data_dir = str(tmp_path / "tfds")
     workdir = tmp_path / "run"
