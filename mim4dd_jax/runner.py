@@ -9,7 +9,8 @@ Epilogue (:func:`finish`): the summary goes to metrics.jsonl and, with the machi
 
 A workdir's owner is read from the files each mode leaves (no marker file, so workdirs written
 before this module stay readable): ``meta.json`` = experts, ``config.json`` = distill, a
-``results.json`` with ``"mode": "evaluate"`` = evaluate, any other ``results.json`` = coreset.
+``results.json`` with ``"mode": "evaluate"`` = evaluate, with a ``"method"`` = coreset; any other
+``results.json`` is an unknown run, refused by every mode.
 A mode refuses a workdir another mode owns; whether a workdir of its own mode holds *the same*
 run (resume) stays the mode's own check.
 """
@@ -50,7 +51,10 @@ def owner(workdir: str) -> str | None:
         return "unknown"  # unreadable: never overwrite it
     if not isinstance(stored, dict):
         return "unknown"
-    return "evaluate" if stored.get("mode") == "evaluate" else "coreset"
+    if stored.get("mode") == "evaluate":
+        return "evaluate"
+    # A distillation's results.json has "method" too, but its config.json was found above.
+    return "coreset" if "method" in stored else "unknown"
 
 
 def claim(workdir: str, mode: str) -> str:

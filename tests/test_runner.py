@@ -31,9 +31,10 @@ def test_owner_is_read_from_each_modes_files(tmp_path):
     assert runner.owner(str(tmp_path)) is None  # empty
     for mode in MODE_FILES:
         assert runner.owner(_make(tmp_path / mode, mode)) == mode
-    (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "results.json").write_text("{not json")
-    assert runner.owner(str(tmp_path / "bad")) == "unknown"
+    for name, text in (("bad", "{not json"), ("list", "[1]"), ("other", '{"accuracy": {}}')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(text)
+        assert runner.owner(str(tmp_path / name)) == "unknown", name
 
 
 @pytest.mark.parametrize("held", sorted(MODE_FILES))
