@@ -94,6 +94,22 @@ def fake_dataset(num_classes: int = 3, per_class: int = 12, hw: int = 8):
     )
 
 
+def pixel_range_forms(raw, dataset) -> dict:
+    """The same uint8 images [N, H, W, C] in every form a set file may hold them, with the
+    pixel_range each declares ("" = undeclared): name -> (array, declared). Evaluate mode and
+    distill.init_from must read them all as one set (issue 28)."""
+    import numpy as np
+
+    as_01 = raw.astype(np.float32) / np.float32(255)
+    return {
+        "uint8": (raw, ""),
+        "float 0..255, flag 0_255": (raw.astype(np.float32), "0_255"),
+        "float 0..1": (as_01, ""),
+        "float 0..1, flag 0_1": (as_01, "0_1"),
+        "normalised, flag normalised": (dataset.from_pixels(as_01), "normalised"),
+    }
+
+
 def write_fake_npz(path, num_classes: int = 3, per_class: int = 12, hw: int = 8, scale: float = 50):
     """:func:`fake_dataset` as an npz in [0, 255] uint8 pixels (``data.source=npz``; the test
     split is the train split); returns ``str(path)``."""

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import run_cli
+from helpers import pixel_range_forms, run_cli
 
 from mim4dd_jax import artifacts, data, evaluate, evaluate_run, inner
 from mim4dd_jax import config as config_lib
@@ -281,14 +281,7 @@ def test_same_images_as_uint8_and_as_declared_floats_give_the_same_accuracy(tmp_
     labels = np.array([0, 0, 1, 1, 2, 2])
     config = eval_config(data_path, "")
     ds = dataset_of(config)
-    as_01 = images.astype(np.float32) / np.float32(255)
-    forms = {
-        "uint8": (images, ""),
-        "float 0..255, flag 0_255": (images.astype(np.float32), "0_255"),
-        "float 0..1": (as_01, ""),
-        "float 0..1, flag 0_1": (as_01, "0_1"),
-        "normalised, flag normalised": (ds.from_pixels(as_01), "normalised"),
-    }
+    forms = pixel_range_forms(images, ds)
     accuracies = {}
     for name, (array, flag) in forms.items():
         path = tmp_path / (name.replace(" ", "_").replace(",", "") + ".npz")

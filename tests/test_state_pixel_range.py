@@ -5,7 +5,7 @@ start the same synthetic set."""
 import jax
 import numpy as np
 import pytest
-from helpers import fake_dataset, tiny_config
+from helpers import fake_dataset, pixel_range_forms, tiny_config
 
 from mim4dd_jax import data, state
 from mim4dd_jax.errors import ConfigError
@@ -34,19 +34,12 @@ def _init_images(ds, path, declared=""):
 def test_the_same_images_in_every_declared_form_start_the_same_set(tmp_path):
     ds = _dataset()
     raw = np.random.default_rng(0).integers(0, 256, (C * IPC, HW, HW, 1)).astype(np.uint8)
-    as_01 = raw.astype(np.float32) / np.float32(255)
-    forms = {
-        "uint8": (raw, ""),
-        "float 0..255 declared": (raw.astype(np.float32), "0_255"),
-        "float 0..1": (as_01, ""),
-        "float 0..1 declared": (as_01, "0_1"),
-        "normalised declared": (ds.from_pixels(as_01), "normalised"),
-    }
+    forms = pixel_range_forms(raw, ds)
     got = {
         name: _init_images(ds, _write(tmp_path / f"{i}.npz", images), declared)
         for i, (name, (images, declared)) in enumerate(forms.items())
     }
-    expected = ds.from_pixels(as_01)
+    expected = ds.from_pixels(raw.astype(np.float32) / np.float32(255))
     for name, images in got.items():
         np.testing.assert_allclose(images, expected, rtol=0, atol=1e-6, err_msg=name)
     # Before issue 28 a uint8 file was taken as [0, 1] pixels: 255 times too bright.
