@@ -310,8 +310,8 @@ def _train_chunk(
 def run(config: Any, workdir: str) -> dict[str, Any]:
     """Trains (or resumes) ``experts.num`` experts for ``experts.epochs`` epochs into ``workdir``.
 
-    Writes meta.json, expert_{i:03d}.npz, metrics.jsonl and results.json (see the module
-    docstring). Returns the results: dataset, num, epochs and the test accuracy (in [0, 1]) after
+    Writes meta.json, expert_{i:03d}.npz, metrics.jsonl and results.json (their layout:
+    :mod:`mim4dd_jax.experts`). Returns the results: dataset, num, epochs and the test accuracy (in [0, 1]) after
     ``epochs`` epochs: mean, std and all, over the ``num`` experts.
     """
     from tqdm import tqdm
