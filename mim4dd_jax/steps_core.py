@@ -57,14 +57,13 @@ _TINY = 1e-30
 
 class _MIGrads(NamedTuple):
     """The MI term of one step: its value (a loss), mi.mi_loss's aux, its gradients
-    {"images", "heads"}, the norm of the part of the image gradient that comes through the
-    unroll (``mi.through_unroll`` only, else None) and the memory banks it read (or None)."""
+    {"images", "heads"} and the norm of the part of the image gradient that comes through the
+    unroll (``mi.through_unroll`` only, else None)."""
 
     value: jax.Array
     aux: Any
     grads: State
     unroll_norm: jax.Array | None
-    banks: Any
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -182,7 +181,7 @@ class StepContext:
             (value, aux_mi), g_mi = jax.value_and_grad(
                 lambda x: mi_term(x["images"], x["heads"], carry), has_aux=True
             )(mi_in)
-            return base, aux, grads, _MIGrads(value, aux_mi, g_mi, None, banks)
+            return base, aux, grads, _MIGrads(value, aux_mi, g_mi, None)
         base, aux, value, aux_mi, grads, g_mi, carry = _joint_grads(
             base_fn, mi_term, learned, st, args
         )
@@ -192,7 +191,7 @@ class StepContext:
         g_fixed = jax.grad(lambda x: mi_term(x, learned["heads"], fixed)[0])(learned["images"])
         g_through = (g_mi["images"] - g_fixed) * keep
         unroll_norm = jnp.sqrt(jnp.sum(g_through * g_through))
-        return base, aux, grads, _MIGrads(value, aux_mi, g_mi, unroll_norm, banks)
+        return base, aux, grads, _MIGrads(value, aux_mi, g_mi, unroll_norm)
 
     def _weigh(
         self,
@@ -274,12 +273,12 @@ class StepContext:
         if term is not None:
             grads, total, mi_metrics = self._weigh(term, grads, base, g_base, norm_base, keep)
             metrics.update(mi_metrics)
-            if term.banks is not None:
+            if st.get("banks") is not None:
                 new["banks"] = tuple(
                     mi.update_memory_bank(
                         bank, z, self.real_labels, momentum=self.config.mi.bank_momentum
                     )
-                    for bank, z in zip(term.banks, term.aux["real_embeddings"], strict=True)
+                    for bank, z in zip(st["banks"], term.aux["real_embeddings"], strict=True)
                 )
         for name in parts:
             updates, opt[name] = txs[name].update(grads[name], opt[name], st[name])
