@@ -11,6 +11,7 @@ A study file (TOML) declares the grid as data::
     config = "configs/fashion_mnist.py"   # default config file of every cell
     seeds = [0, 1, 2]                     # default seeds (--config.seed) of every cell
     compare = ["mi.weight"]               # fields whose paired differences are reported
+    pairs = [["dm_ipc1", "dm_ipc1_mi"]]   # optional: cell pairs (b - a) reported whatever differs
     [overrides]                           # --config.* overrides of every cell
     "distill.eval_every" = 250
 
@@ -51,8 +52,10 @@ Each (cell, seed) is one ``run.py`` process with its workdir in
   mean ± std over seeds, each seed being its mean over the evaluation models; seeds, models,
   iterations, s/iter, peak RSS, wall time; the published number and the difference),
   ``accuracy.png`` (mean ± std band over seeds against the iteration) and the paired
-  differences of every two cells that differ only in one ``compare`` field (mean, standard
-  error and the 95% t-interval over the shared seeds).
+  differences of every two cells that differ only in one ``compare`` field and of every
+  declared pair (mean, standard error and the 95% t-interval over the shared seeds);
+  ``iterations.csv`` and a table.md section hold each cell's accuracy at every evaluated
+  iteration, and (``paired_iterations.csv``) each declared pair's difference there.
 
 This file is the command line and the runner (running, resuming and collecting seeds);
 ``study_spec.py`` reads and checks the study file (cells, configs, commands, paths),

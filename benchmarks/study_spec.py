@@ -56,6 +56,9 @@ class Study:
     results_dir: str
     runs_dir: str
     extra: dict = field(default_factory=dict)
+    # Declared (a, b) cell pairs whose paired differences are reported whatever fields they
+    # differ in (e.g. a method against its base, which differ in several MI fields).
+    pairs: tuple[tuple[str, str], ...] = ()
 
 
 # ------------------------------------------------------------------------------ study files
@@ -71,7 +74,17 @@ def _value_name(value: Any) -> str:
 
 
 # What a study file may hold, and what each entry must be (checked before anything runs).
-TOP_KEYS = ("name", "description", "config", "seeds", "compare", "overrides", "cells", "grids")
+TOP_KEYS = (
+    "name",
+    "description",
+    "config",
+    "seeds",
+    "compare",
+    "pairs",
+    "overrides",
+    "cells",
+    "grids",
+)
 CELL_KEYS = ("name", "arg", "config", "seeds", "published", "published_note", "overrides")
 GRID_KEYS = (*CELL_KEYS, "axes")
 
@@ -222,6 +235,7 @@ def load_study(path: str, runs_root: str | None = None, *, check_configs: bool =
         p.add(top, f"two cells are named {duplicate!r}")
     if not cells and not p:
         p.add("", "the study declares no cells ([[cells]] or [[grids]])")
+    pairs = _check_pairs(spec.get("pairs", []), cells, p)
     if check_configs and not p:
         for problem in config_problems(cells, compare):
             p.add("", problem)
@@ -236,7 +250,43 @@ def load_study(path: str, runs_root: str | None = None, *, check_configs: bool =
         compare=tuple(compare),
         results_dir=os.path.join(folder, "results"),
         runs_dir=os.path.join(runs_root, name),
+        pairs=pairs,
     )
+
+
+def _check_pairs(value: Any, cells: Sequence[Cell], p: _Problems) -> tuple[tuple[str, str], ...]:
+    """``pairs = [["a", "b"], ...]``: two distinct declared cells of the same config and arg
+    each (b - a is reported)."""
+    example = 'e.g. [["mtt-base", "mtt-paper"]]'
+    if not isinstance(value, list):
+        p.add("", f"pairs must be a list of [a, b] cell names, {example}, got {value!r}")
+        return ()
+    by_name = {c.name: c for c in cells}
+    pairs = []
+    for pair in value:
+        if not (
+            isinstance(pair, list) and len(pair) == 2 and all(isinstance(n, str) for n in pair)
+        ):
+            p.add("", f"pairs: each pair must be [a, b], two cell names, {example}, got {pair!r}")
+            continue
+        where = f"pair {pair!r}"
+        missing = [n for n in pair if n not in by_name]
+        for n in missing:
+            p.add(where, f"no cell is named {n!r}{_suggest(n, list(by_name))}")
+        if missing:
+            continue
+        a, b = (by_name[n] for n in pair)
+        if a.name == b.name:
+            p.add(where, "pairs a cell with itself")
+        elif a.key() != b.key():
+            p.add(
+                where,
+                f"the cells run different configs ({a.config}:{a.arg} vs {b.config}:{b.arg}); "
+                "a paired difference needs the same config and arg",
+            )
+        else:
+            pairs.append((a.name, b.name))
+    return tuple(pairs)
 
 
 def _suggest(name: str, known: Sequence[str]) -> str:

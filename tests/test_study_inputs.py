@@ -73,6 +73,17 @@ TYPOS = {
         "cell 'b': config configs/fashion_mnist.py:dmm,ipc1: unknown method 'dmm'",
     ),
     "unknown compare field": ('compare = ["mi.wieght"]\n' + GOOD, "compare: unknown config field"),
+    "pair naming no cell": (
+        'pairs = [["first", "secnd"]]\n' + GOOD + '[[cells]]\nname = "second"\narg = "dm,ipc1"\n',
+        "pair ['first', 'secnd']: no cell is named 'secnd' (did you mean 'second'?)",
+    ),
+    "pair not two names": ('pairs = [["first"]]\n' + GOOD, "each pair must be [a, b]"),
+    "pairs not a list": ('pairs = "first"\n' + GOOD, "pairs must be a list of [a, b] cell names"),
+    "pair across configs": (
+        'pairs = [["first", "b"]]\n' + GOOD + '[[cells]]\nname = "b"\narg = "dc,ipc1"\n',
+        "the cells run different configs (configs/fashion_mnist.py:dm,ipc1 vs "
+        "configs/fashion_mnist.py:dc,ipc1)",
+    ),
 }
 
 

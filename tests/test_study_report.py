@@ -171,3 +171,91 @@ def test_the_study_modules_import_one_way():
             elif isinstance(node, ast.Import):
                 imported |= {a.name.removeprefix("benchmarks.") for a in node.names}
         assert imported & set(allowed) <= ok, (name, imported & set(allowed))
+
+
+PAIRED = """
+config = "configs/fashion_mnist.py"
+seeds = [0, 1, 2]
+compare = ["mi.weight"]
+pairs = [["base", "mi"], ["base", "weight"]]
+[[cells]]
+name = "base"
+arg = "dm,ipc1"
+[cells.overrides]
+"mi.weight" = 0.0
+"distill.eval_at" = [0, 100]
+[[cells]]
+name = "mi"
+arg = "dm,ipc1"
+[cells.overrides]
+"mi.weight" = 0.1
+"mi.head" = "none"
+"distill.eval_at" = [100]
+[[cells]]
+name = "weight"
+arg = "dm,ipc1"
+[cells.overrides]
+"mi.weight" = 0.1
+"distill.eval_at" = [0, 100]
+"""
+
+
+def test_declared_pairs_and_accuracy_by_iteration(tmp_path):
+    folder = tmp_path / "studies" / "p"
+    folder.mkdir(parents=True)
+    (folder / "study.toml").write_text(PAIRED)
+    study = study_spec.load_study(str(folder / "study.toml"), str(tmp_path / "runs"))
+    assert study.pairs == (("base", "mi"), ("base", "weight"))
+    base, mi, weight = study.cells
+
+    def record(points):  # {iteration: accuracy in %}; the last is the final one
+        evals = [{"iteration": it, "mean": acc / 100, "std": 0.0} for it, acc in points.items()]
+        final = {"convnet": {**evals[-1], "all": [evals[-1]["mean"]]}}
+        return {"final": final, "best": final, "evaluations": {"convnet": evals}}
+
+    for seed in (0, 1, 2):
+        write_result(study, base, seed, record({0: 50.0 + seed, 100: 70.0, 200: 80.0}))
+        write_result(study, mi, seed, record({100: 70.0 + seed, 200: 81.0 + seed}))
+        write_result(study, weight, seed, record({0: 50.0 + seed, 100: 70.0, 200: 80.5}))
+    results = study_spec.load_results(study)
+
+    diffs = study_report.paired_differences(study, results)
+    final = diffs[diffs["which"] == "final"].to_dict("records")
+    # base/weight differ in mi.weight only: the compare row, not repeated for the declared pair.
+    assert [(r["a"], r["b"], r["field"]) for r in final] == [
+        ("base (mi.weight=0.0)", "weight (mi.weight=0.1)", "mi.weight"),
+        ("base", "mi", "distill.eval_at+mi.head+mi.weight"),
+    ]
+    # mi - base at the end: 1, 2, 3 points; mean 2, SE 1/sqrt(3), t(0.975, 2) = 4.3027.
+    row = final[1]
+    assert row["seeds"] == 3 and row["mean_diff"] == pytest.approx(2.0)
+    assert row["se"] == pytest.approx(0.57735, abs=1e-4)
+    assert (row["ci95_low"], row["ci95_high"]) == pytest.approx((-0.4841, 4.4841), abs=1e-3)
+
+    iters = study_report.iteration_frame(study, results)
+    at = {(r["cell"], r["iteration"]): r for r in iters.to_dict("records")}
+    assert set(at) == {(c, i) for c in ("base", "weight") for i in (0, 100, 200)} | {
+        ("mi", 100),
+        ("mi", 200),
+    }
+    assert at[("base", 0)]["mean"] == pytest.approx(51.0) and at[("base", 0)]["std"] == 1.0
+    paired = study_report.paired_by_iteration(study, results)
+    rows = {(r["b"], r["iteration"]): r for r in paired.to_dict("records")}
+    # Iteration 0 only where both cells evaluated it.
+    assert sorted(rows) == [
+        ("mi", 100),
+        ("mi", 200),
+        ("weight", 0),
+        ("weight", 100),
+        ("weight", 200),
+    ]
+    assert rows[("mi", 100)]["mean_diff"] == pytest.approx(1.0)
+    assert rows[("weight", 200)]["mean_diff"] == pytest.approx(0.5)
+    assert rows[("weight", 200)]["ci95_low"] == pytest.approx(0.5)  # no spread: the point
+
+    text = study_report.report(study)
+    assert "| base | convnet | 51.00 ± 1.00 (3) | 70.00 ± 0.00 (3) | 80.00 ± 0.00 (3) |" in text
+    assert "| mi | convnet | - | 71.00 ± 1.00 (3) | 82.00 ± 1.00 (3) |" in text
+    assert "| base | mi | convnet | 200 | 3 | +2.00 | 0.58 | [-0.48, +4.48] |" in text
+    for name in ("iterations.csv", "paired_iterations.csv", "table.md"):
+        assert os.path.getsize(os.path.join(study.runs_dir, name)) > 0
