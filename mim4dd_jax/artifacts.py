@@ -473,20 +473,36 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def progress_iter(iterable: Any, desc: str, total: int, *, unit: str) -> Any:
-    """``iterable`` with a progress bar on stderr when it is a terminal (see
-    :func:`progress_bar`)."""
+def progress_iter(
+    iterable: Any,
+    desc: str,
+    total: int,
+    *,
+    unit: str,
+    initial: int = 0,
+    enabled: bool | None = None,
+) -> Any:
+    """``iterable`` with a progress bar on stderr (``enabled=None``: only when stderr is a
+    terminal, see :func:`progress_bar`); ``initial``: the count it resumes at."""
     from tqdm import tqdm
 
     return tqdm(
         iterable,
         total=total,
+        initial=initial,
         desc=desc,
         unit=unit,
         file=sys.stderr,
         dynamic_ncols=True,
-        disable=None,
+        disable=None if enabled is None else not enabled,
     )
+
+
+def progress_write(message: str) -> None:
+    """One line on stdout (a run's results) that does not break an open progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(message)
 
 
 def progress_bar(desc: str, total: int, *, enabled: bool | None = None, unit: str = "epoch"):

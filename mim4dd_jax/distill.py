@@ -237,8 +237,6 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     models over it. In a multi-process launch (``mesh.distributed``) every process runs this
     loop and saves the orbax checkpoints together; only process 0 writes the other artifacts.
     """
-    from tqdm import tqdm
-
     sharding.initialize_distributed(sharding.options(config)["distributed"])
     mesh = sharding.mesh_from_config(config)
     main = sharding.is_main_process()
@@ -318,18 +316,18 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             writer.write_image(iteration, "synthetic/grid", f.read())
         artifacts.save_accuracy_plot(workdir)
         for r in results:
-            tqdm.write(f"{config.method} ipc{config.ipc} it {iteration}: {r}")
+            artifacts.progress_write(f"{config.method} ipc{config.ipc} it {iteration}: {r}")
 
     eval_at = {int(i) for i in d.eval_at}
     mi_on = bool(state_lib.mi_weight(config))
     logging.info("distilling %s ipc %d for %d iterations", config.method, config.ipc, d.iterations)
-    bar = tqdm(
+    bar = artifacts.progress_iter(
         range(start, d.iterations),
+        f"{config.method} ipc{config.ipc}",
+        d.iterations,
+        unit="it",
         initial=start,
-        total=d.iterations,
-        desc=f"{config.method} ipc{config.ipc}",
-        dynamic_ncols=True,
-        disable=not main,
+        enabled=main,  # in logs too: a distillation's bar is its progress line
     )
     window_start, window, consecutive_skips = time.perf_counter(), [], 0
     with _StopRequest() as stop:

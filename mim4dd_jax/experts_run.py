@@ -314,8 +314,6 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     :mod:`mim4dd_jax.experts`). Returns the results: dataset, num, epochs and the test accuracy (in [0, 1]) after
     ``epochs`` epochs: mean, std and all, over the ``num`` experts.
     """
-    from tqdm import tqdm
-
     check_config(config)
     ex = config.experts
 
@@ -398,7 +396,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         "test_accuracy": {"mean": float(np.mean(final)), "std": float(np.std(final)), "all": final},
     }
     runner.finish(workdir, summary, log=False)
-    tqdm.write(
+    artifacts.progress_write(
         f"{ex.num} experts, {ex.epochs} epochs: test accuracy "
         f"{100 * summary['test_accuracy']['mean']:.2f} ± {100 * summary['test_accuracy']['std']:.2f} %"
     )
