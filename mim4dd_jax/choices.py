@@ -15,6 +15,10 @@ MI_NETWORKS = ("paired", "shared")
 # mi.feature_nets (DM, DC/DSA): the MI term's features from the base method's own (random or
 # in-training) network, or from an expert checkpoint drawn each step (a trained feature space).
 MI_FEATURE_NETS = ("random", "experts")
+# mi.objective: the add-on term. "mim4dd": the contrastive MI between real and synthetic features
+# (maximised); "cmidd": CMIDD's class-conditional MI of the synthetic features alone (minimised),
+# the studies' positive control (mi/conditional.py).
+MI_OBJECTIVES = ("mim4dd", "cmidd")
 # mi.weight_mode: lambda = mi.weight, or mi.weight * |g_base| / |g_mi| (steps_core).
 MI_WEIGHT_MODES = ("absolute", "relative")
 # coreset.features: the space herding / k-center select in.

@@ -289,6 +289,9 @@ def build(
     # "on" / "off". shard_synthetic: shard the synthetic set by class instead of replicating it.
     c.mesh = ml_collections.ConfigDict(dict(sharding.DEFAULTS))
     # The MIM4DD term: total = base + lambda * mi_loss. 0 (the default) is the pure base method.
+    # objective "mim4dd": the contrastive MI between real and synthetic (maximised); "cmidd":
+    # CMIDD's class-conditional MI of the synthetic features alone (minimised, no heads: needs
+    # head "none"), the studies' positive control.
     # weight_mode "absolute": lambda = weight; "relative": lambda = weight * |g_base| / |g_mi|
     # per step on the image gradients, so weight 0.1 means "the MI term pushes the images a tenth
     # as hard as the base loss" for every method and dataset.
@@ -308,6 +311,7 @@ def build(
         dict(
             weight=0.0,
             weight_mode="absolute",
+            objective="mim4dd",
             layers=(),
             estimator="infonce",
             temperature=0.07,
@@ -442,6 +446,7 @@ def _validate_distill(c: ml_collections.ConfigDict) -> None:
         INITS,
         MI_FEATURE_NETS,
         MI_NETWORKS,
+        MI_OBJECTIVES,
         MI_WEIGHT_MODES,
         OPTIMIZERS,
         REMAT,
@@ -490,6 +495,12 @@ def _validate_distill(c: ml_collections.ConfigDict) -> None:
     check_choice("mi.networks", c.mi.networks, MI_NETWORKS)
     check_choice("mi.weight_mode", c.mi.weight_mode, MI_WEIGHT_MODES)
     check_choice("mi.feature_nets", c.mi.feature_nets, MI_FEATURE_NETS)
+    check_choice("mi.objective", c.mi.objective, MI_OBJECTIVES)
+    if c.mi.objective == "cmidd" and c.mi.head != "none":
+        raise ConfigError(
+            f"mi.objective='cmidd' reads the network's features directly and trains no head, "
+            f"so mi.head={c.mi.head!r} would be built for nothing; valid: mi.head='none'"
+        )
     if not isinstance(c.mi.through_unroll, bool):
         raise ConfigError(f"mi.through_unroll must be True or False, got {c.mi.through_unroll!r}")
     # The experts and evaluate modes carry a distill block too, for no distillation method.

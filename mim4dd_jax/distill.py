@@ -133,6 +133,7 @@ _ADDED_FIELDS = {
     "mi.through_unroll": False,
     "mi.heads": "shared",
     "mi.feature_nets": "random",
+    "mi.objective": "mim4dd",
     "distill.eval_at": "()",
     "distill.init_from_range": "",
 }

@@ -161,6 +161,16 @@ class StepContext:
 
         def mi_term(images: jax.Array, heads: Any, carry: Any) -> tuple[jax.Array, Any]:
             real_blocks, syn_blocks = mi_features(images, carry)
+            if self.config.mi.objective == "cmidd":
+                # The positive control reads the synthetic side only; XLA drops the real
+                # features' unused computation.
+                return mi.conditional_loss(
+                    [syn_blocks[layer] for layer in self.layers],
+                    self.syn_classes,
+                    num_classes=self.num_classes,
+                    reduce=self.mi_config.reduce,
+                    layer_weights=self.mi_config.layer_weights,
+                )
             return mi.mi_loss(
                 mi.Heads(heads, self.mi_config),
                 real=[lax.stop_gradient(real_blocks[layer]) for layer in self.layers],

@@ -106,6 +106,9 @@ def test_the_mi_package_layers_import_one_way():
     for i, name in enumerate(order):
         inside = {d for d in graph[f"{PACKAGE}.mi.{name}"] if d.startswith(f"{PACKAGE}.mi")}
         assert inside <= {f"{PACKAGE}.mi.{lower}" for lower in order[:i]}, (name, inside)
+    # conditional (CMIDD's term) stands beside loss, on the layers below it.
+    inside = {d for d in graph[f"{PACKAGE}.mi.conditional"] if d.startswith(f"{PACKAGE}.mi")}
+    assert inside <= {f"{PACKAGE}.mi.{lower}" for lower in order[:-1]}, inside
     assert f"{PACKAGE}.mi.loss" in graph[f"{PACKAGE}.mi"]  # the package re-exports the layers
 
 

@@ -5,6 +5,9 @@ of MIM4DD, as a package whose layers import one way only::
     heads) -> selection (beta, top-k, memory banks) -> loss (embedding_mi, layer_mi, mi_loss,
     relative_weight)
 
+and beside ``loss``, on ``critics`` only, ``conditional``: CMIDD's class-conditional term
+(``conditional_loss``), the positive control of the MIM4DD studies.
+
 Five lines put the term into any JAX loss (``examples/mi_bound.py``)::
 
     heads = mi.init_heads(key, models.block_shapes(model, (28, 28, 1)), estimator="infonce")
@@ -30,6 +33,7 @@ from mim4dd_jax.mi.bounds import (
     nwj,
     positive_mask,
 )
+from mim4dd_jax.mi.conditional import class_conditional_mi, conditional_loss
 from mim4dd_jax.mi.critics import (
     LDA_SHRINKAGE,
     HeadParams,
@@ -83,6 +87,8 @@ __all__ = [
     "MemoryBank",
     "ProjectionHead",
     "bank_candidates",
+    "class_conditional_mi",
+    "conditional_loss",
     "critic_scores",
     "embed",
     "embedding_mi",
