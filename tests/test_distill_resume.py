@@ -180,3 +180,23 @@ def test_dc_resumes_exactly_after_sigterm(fake_npz, tmp_path, monkeypatch):
     config = run_config(f"dc,ipc{IPC}", fake_npz, **{"distill.outer_loop": 1})
     assert config.distill.init == "noise" and config.distill.momentum > 0
     check_resume(Runs(monkeypatch), config, tmp_path, "sigterm")
+
+
+def test_a_workdir_from_before_a_field_was_added_is_the_same_run(tmp_path):
+    # Runs made before a field existed lack it in config.json; with the value that reproduces
+    # them they resume, with any other value they are another run.
+    import json
+
+    config = tiny_config("dm,ipc1")
+    fingerprint = distill._config_fingerprint(config)
+    for name, value in distill._ADDED_FIELDS.items():
+        assert fingerprint[name] == value, name  # the defaults still reproduce the old runs
+    old = {k: v for k, v in fingerprint.items() if k not in distill._ADDED_FIELDS}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    distill.check_same_run(str(tmp_path), config)
+    with config.unlocked():
+        config.mi.objective = "cmidd"
+    with pytest.raises(
+        distill.ConfigError, match="holds a run with mi.objective=None, not 'cmidd'"
+    ):
+        distill.check_same_run(str(tmp_path), config)
