@@ -7,7 +7,9 @@ class's mean distribution: CMI = mean_i KL(p_i || q_{y_i}), q_c = mean_{j: y_j =
 empirical conditional mutual information between the images and their features given the class.
 Minimising it makes each class compact in the trained feature space. Unlike the contrastive
 term it reads no real data and has no heads: it is a loss (>= 0, minimised), not a bound to
-maximise. Here z is a layer's features reduced as the MI term reduces them (``reduce``).
+maximise. Here z is a layer's features reduced as the MI term reduces them (``reduce``), of the
+views the MI term sees (the step's DSA views where the method augments); CMIDD feeds the
+unaugmented synthetic images to a pretrained ResNet-18.
 """
 
 from __future__ import annotations
