@@ -339,8 +339,7 @@ def plot(study: Study, results: Mapping[tuple[str, int], Mapping[str, Any]], pat
         for r in records:
             evals = r.get("evaluations", {})
             if evals:
-                model = sorted(evals)[0]
-                curves.append({e["iteration"]: 100 * e["mean"] for e in evals[model]})
+                curves.append(_curve(r, sorted(evals)[0]))
         if not curves:
             continue
         steps = sorted(set.intersection(*(set(c) for c in curves)))
