@@ -173,10 +173,18 @@ def cpu_model() -> str:
     return ""
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def machine() -> dict[str, Any]:
-    """What a result was computed on, for results.json: the CPU model and core count, and the
-    JAX backend with its devices (e.g. ``"1x NVIDIA H200"``). Speeds are only comparable within
-    one machine, and a study's seeds may come from several."""
+    """What a result was computed on, for results.json: the CPU model and the cores this process
+    may run on (fewer than the machine's when pinned, e.g. by ``study.py --jobs``), and the JAX
+    backend with its devices (e.g. ``"1x NVIDIA H200"``). Speeds are only comparable within one
+    machine, and a study's seeds may come from several."""
     import platform
 
     import jax
@@ -184,7 +192,7 @@ def machine() -> dict[str, Any]:
     devices = jax.devices()
     return {
         "cpu": cpu_model() or platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
+        "cores": usable_cores(),
         "backend": jax.default_backend(),
         "devices": f"{len(devices)}x {devices[0].device_kind}",
     }

@@ -2,6 +2,7 @@
 through the real CLI: the table's rows, a paired difference checked by hand, a second
 invocation that runs nothing, and a run killed mid-cell that resumes from its checkpoint."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -102,7 +103,7 @@ def test_study_runs_tabulates_pairs_and_skips_done_cells(
     assert record["config"]["distill.lr"] == 0.1 and record["config"]["seed"] == 0
     # The run says what it ran on (studies span machines; speeds compare within one).
     machine = record["results"]["machine"]
-    assert machine["backend"] == "cpu" and machine["cores"] == os.cpu_count()
+    assert machine["backend"] == "cpu" and machine["cores"] == artifacts.usable_cores()
     assert machine["devices"].startswith("1x ") and machine["cpu"]
 
     # The table: one row per cell, with both seeds and the per-seed model means.
@@ -111,7 +112,7 @@ def test_study_runs_tabulates_pairs_and_skips_done_cells(
     table = pd.read_csv(os.path.join(runs_root, "tiny", "table.csv"))
     assert list(table["cell"]) == ["dm-distill.lr=0.1", "dm-distill.lr=10.0"]
     assert list(table["seeds"]) == ["2/2", "2/2"]
-    assert list(table["machine"]) == [f"{machine['cpu']} x{os.cpu_count()}"] * 2
+    assert list(table["machine"]) == [f"{machine['cpu']} x{artifacts.usable_cores()}"] * 2
     for cell, row in zip(study.cells, table.to_dict("records"), strict=True):
         per_seed = [
             100 * np.mean(results[(cell.name, s)]["final"]["convnet"]["all"]) for s in (0, 1)
@@ -142,10 +143,55 @@ def test_study_runs_tabulates_pairs_and_skips_done_cells(
     # A second invocation, with the runs folder gone (a fresh clone), runs nothing: the
     # committed results are enough.
     calls = []
-    monkeypatch.setattr(study_lib, "run_seed", lambda *a, **k: calls.append(a) or 1)
+    monkeypatch.setattr(study_lib, "start_seed", lambda *a, **k: calls.append(a) or 1)
     assert study_lib.main([path, "--runs_root", str(tmp_path / "fresh_runs")]) == 0
     assert calls == []
     assert os.path.isfile(os.path.join(tmp_path, "fresh_runs", "tiny", "table.md"))
+
+
+@pytest.mark.skipif(artifacts.usable_cores() < 2, reason="needs 2 cores to run 2 jobs apart")
+def test_jobs_run_seeds_side_by_side_each_on_its_own_core(tmp_path, npz_path, cli_environment):
+    path = write_study(str(tmp_path / "studies" / "tiny"), npz_path, seeds=(0,))
+    runs_root = str(tmp_path / "runs")
+    assert study_lib.main([path, "--runs_root", runs_root, "--quiet", "--jobs", "2"]) == 0
+    study = study_spec.load_study(path, runs_root)
+    results = study_spec.load_results(study)
+    assert sorted(results) == sorted((c.name, 0) for c in study.cells)
+    # Each run was pinned to one core, and the two ran at the same time: each started before
+    # the other ended.
+    assert [results[(c.name, 0)]["results"]["machine"]["cores"] for c in study.cells] == [1, 1]
+    spans = []
+    for cell in study.cells:
+        workdir = study_spec.workdir_of(study, cell, 0)
+        start = os.path.getmtime(os.path.join(workdir, "config.json"))
+        spans.append((start, os.path.getmtime(os.path.join(workdir, "results.json"))))
+    assert max(s for s, _ in spans) < min(e for _, e in spans)
+    # Where a run runs does not change what it computes: one cell again, unpinned, alone.
+    cell = study.cells[1]
+    again = dataclasses.replace(study, runs_dir=str(tmp_path / "again"))
+    assert study_lib.run_seed(again, cell, 0, quiet=True) == 0
+    pinned = np.load(os.path.join(study_spec.workdir_of(study, cell, 0), "distilled.npz"))
+    alone = np.load(os.path.join(study_spec.workdir_of(again, cell, 0), "distilled.npz"))
+    np.testing.assert_array_equal(pinned["images"], alone["images"])
+
+
+def test_jobs_are_split_over_the_cores_and_checked():
+    assert study_lib.core_groups(2, [0, 1]) == [(0,), (1,)]
+    assert study_lib.core_groups(2, [0, 1, 2]) == [(0, 1), (2,)]
+    assert study_lib.core_groups(1, [4, 5]) == [(4, 5)]
+    with pytest.raises(study_spec.StudyError, match=r"--jobs 3: valid: 1 to 2"):
+        study_lib.core_groups(3, [0, 1])
+    with pytest.raises(study_spec.StudyError, match=r"--jobs 0: valid: 1 to 2"):
+        study_lib.core_groups(0, [0, 1])
+
+
+def test_too_many_jobs_is_one_line_exit_2(tmp_path, npz_path, capsys):
+    path = write_study(str(tmp_path / "s"), npz_path)
+    jobs = artifacts.usable_cores() + 1
+    assert study_lib.main([path, "--runs_root", str(tmp_path / "runs"), "--jobs", str(jobs)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --jobs {jobs}: valid: 1 to {jobs - 1}, the cores this process may run on"
+    assert not os.path.exists(tmp_path / "runs")
 
 
 def test_a_killed_study_resumes_its_cell_from_the_checkpoint(tmp_path, npz_path):
