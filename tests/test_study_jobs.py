@@ -1,0 +1,118 @@
+"""``study.py --jobs N``: the scheduler, with a stand-in for run.py (no JAX), so these are fast.
+Each stand-in records when it ran and on which cores, then exits as told; a failed run is
+recorded and the study goes on, a run stopped from outside stops the others and the study."""
+
+import json
+import os
+import sys
+import time
+
+import pytest
+from helpers import ROOT
+
+sys.path.insert(0, ROOT)
+from benchmarks import study as study_lib  # noqa: E402
+from benchmarks import study_spec  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs Linux and 2 cores",
+)
+
+# argv: workdir, seconds to sleep, how to end ("fail": exit 1; "sigterm": kill itself as an
+# outside SIGTERM would).
+STAND_IN = """
+import json, os, signal, sys, time
+workdir, sleep, end = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+start = time.time()
+time.sleep(sleep)
+with open(os.path.join(workdir, "ran.json"), "w") as f:
+    json.dump({"start": start, "end": time.time(), "cores": sorted(os.sched_getaffinity(0))}, f)
+if end == "sigterm":
+    os.kill(os.getpid(), signal.SIGTERM)
+sys.exit(1)
+"""
+
+
+def _study(tmp_path, names):
+    text = "".join(f'[[cells]]\nname = "{n}"\narg = "dm,ipc1"\n' for n in names)
+    path = tmp_path / "studies" / "jobs" / "study.toml"
+    path.parent.mkdir(parents=True)
+    path.write_text('seeds = [0]\nconfig = "configs/fashion_mnist.py"\n' + text)
+    return study_spec.load_study(str(path), str(tmp_path / "runs"), check_configs=False)
+
+
+def _stand_in(monkeypatch, plan):
+    """run.py -> the stand-in, with (sleep, end) per cell name."""
+
+    def command(cell, seed, workdir):
+        sleep, end = plan[cell.name]
+        return [sys.executable, "-c", STAND_IN, workdir, str(sleep), end]
+
+    monkeypatch.setattr(study_lib, "command", command)
+
+
+def _ran(study, name):
+    path = os.path.join(study_spec.workdir_of(study, _cell(study, name), 0), "ran.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _cell(study, name):
+    return next(c for c in study.cells if c.name == name)
+
+
+def test_jobs_keep_n_runs_going_each_on_its_own_core(tmp_path, monkeypatch):
+    study = _study(tmp_path, ["a", "b", "c"])
+    _stand_in(monkeypatch, {"a": (1.5, "fail"), "b": (3.0, "fail"), "c": (0.5, "fail")})
+    failures = study_lib.run_study(study, study.cells, quiet=True, jobs=2)
+    # Failed runs are recorded and the study goes on: all three ran.
+    assert failures == [f"{n} seed 0: run.py exited 1" for n in ("a", "c", "b")]
+    ran = {n: _ran(study, n) for n in "abc"}
+    groups = study_lib.core_groups(2)
+    # a and b started together on the two groups; c took a's group when a ended, while b ran.
+    assert ran["a"]["cores"] == list(groups[0]) and ran["b"]["cores"] == list(groups[1])
+    assert ran["c"]["cores"] == list(groups[0])
+    assert ran["b"]["start"] < ran["a"]["end"] <= ran["c"]["start"] < ran["b"]["end"]
+    # Every run counted its sitting and closed it.
+    for n in "abc":
+        with open(
+            os.path.join(study_spec.workdir_of(study, _cell(study, n), 0), "study_runner.json")
+        ) as f:
+            record = json.load(f)
+        assert record["sittings"] == 1 and "open" not in record and record["wall_s"] > 0
+
+
+def test_one_job_runs_unpinned_one_at_a_time(tmp_path, monkeypatch):
+    study = _study(tmp_path, ["a", "b"])
+    _stand_in(monkeypatch, {"a": (0.5, "fail"), "b": (0.1, "fail")})
+    assert len(study_lib.run_study(study, study.cells, quiet=True)) == 2
+    a, b = _ran(study, "a"), _ran(study, "b")
+    assert a["end"] <= b["start"]
+    assert a["cores"] == b["cores"] == sorted(os.sched_getaffinity(0))
+
+
+def test_a_run_stopped_from_outside_stops_the_others_and_the_study(tmp_path, monkeypatch):
+    study = _study(tmp_path, ["long", "stopped", "never"])
+    _stand_in(
+        monkeypatch, {"long": (60.0, "fail"), "stopped": (0.5, "sigterm"), "never": (0.1, "fail")}
+    )
+    t0 = time.time()
+    failures = study_lib.run_study(study, study.cells, quiet=True, jobs=2)
+    # The long run got SIGTERM from the runner (it never wrote ran.json), the third never started.
+    assert time.time() - t0 < 30
+    assert sorted(failures) == [
+        "long seed 0: run.py exited -15",
+        "stopped seed 0: run.py exited -15",
+    ]
+    assert _ran(study, "long") is None and _ran(study, "stopped") is not None
+    assert not os.path.exists(study_spec.workdir_of(study, _cell(study, "never"), 0))
+
+
+def test_max_runs_counts_starts_across_jobs(tmp_path, monkeypatch):
+    study = _study(tmp_path, ["a", "b", "c"])
+    _stand_in(monkeypatch, {n: (0.2, "fail") for n in "abc"})
+    assert len(study_lib.run_study(study, study.cells, quiet=True, jobs=2, max_runs=2)) == 2
+    assert _ran(study, "a") and _ran(study, "b") and _ran(study, "c") is None
