@@ -232,6 +232,11 @@ def core_groups(jobs: int, cores: Sequence[int] | None = None) -> list[tuple[int
     run on), one per concurrent run. A run of a small step uses two cores poorly (MTT IPC 1:
     21.0 s/iter on one core, 13.4 on two), so two runs side by side get more done."""
     if cores is None:
+        if not hasattr(os, "sched_getaffinity"):
+            raise StudyError(
+                f"--jobs {jobs}: runs are pinned to cores with Linux's sched_setaffinity, which "
+                "this OS lacks; valid here: 1"
+            )
         cores = sorted(os.sched_getaffinity(0))
     if not 1 <= jobs <= len(cores):
         raise StudyError(

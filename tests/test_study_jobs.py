@@ -116,3 +116,11 @@ def test_max_runs_counts_starts_across_jobs(tmp_path, monkeypatch):
     _stand_in(monkeypatch, {n: (0.2, "fail") for n in "abc"})
     assert len(study_lib.run_study(study, study.cells, quiet=True, jobs=2, max_runs=2)) == 2
     assert _ran(study, "a") and _ran(study, "b") and _ran(study, "c") is None
+
+
+def test_jobs_without_affinity_is_one_clear_error(monkeypatch):
+    monkeypatch.delattr(os, "sched_getaffinity")
+    with pytest.raises(
+        study_spec.StudyError, match=r"--jobs 2: .*sched_setaffinity.*valid here: 1"
+    ):
+        study_lib.core_groups(2)
