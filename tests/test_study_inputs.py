@@ -91,7 +91,7 @@ TYPOS = {
 def no_runs(monkeypatch):
     """Fails the test if the runner starts a run.py."""
     calls = []
-    monkeypatch.setattr(study_lib, "run_seed", lambda *a, **k: calls.append(a) or 0)
+    monkeypatch.setattr(study_lib, "start_seed", lambda *a, **k: calls.append(a) or 0)
     return calls
 
 
