@@ -172,7 +172,8 @@ def start_seed(
     os.makedirs(os.path.dirname(workdir), exist_ok=True)
     argv = command(cell, seed, workdir)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    pinned = f" (cores {','.join(map(str, cores))})" if cores else ""
+    pin = ",".join(map(str, cores)) if cores else ""
+    pinned = f" (cores {pin})" if pin else ""
     print(f"[{study.name}] {cell.name} seed {seed}{pinned}: {' '.join(argv[1:])}", flush=True)
     # Counted at the start, so that a SIGKILLed sitting counts too; its time is closed at its
     # end, or by the next sitting when the runner was killed with its child.
@@ -183,7 +184,6 @@ def start_seed(
     record["open"] = time.time()
     artifacts.write_json(os.path.join(workdir, "study_runner.json"), record)
     log = open(workdir + ".log", "a")  # noqa: SIM115  (closed by finish_seed)
-    pin = ",".join(map(str, cores)) if cores else ""
     try:
         child = subprocess.Popen(
             [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), pin, *argv],
@@ -382,13 +382,16 @@ def _median(values: Sequence[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
 
 
+def _collect(study: Study, cell: Cell, seed: int) -> None:
+    collect(study, cell, seed)
+    print(f"[{study.name}] {cell.name} seed {seed}: collected", flush=True)
+
+
 def _ended(study: Study, run: _Running, code: int, failures: list[str]) -> bool:
     """Collects a finished seed, or records its failure; True when it was stopped from outside
     (then the study stops too)."""
-    finished = os.path.join(run.workdir, "results.json")
-    if code == 0 and os.path.isfile(finished):
-        collect(study, run.cell, run.seed)
-        print(f"[{study.name}] {run.cell.name} seed {run.seed}: collected", flush=True)
+    if code == 0 and os.path.isfile(os.path.join(run.workdir, "results.json")):
+        _collect(study, run.cell, run.seed)
         return False
     failures.append(f"{run.cell.name} seed {run.seed}: run.py exited {code}")
     print(f"[{study.name}] FAILED {failures[-1]}", flush=True)
@@ -424,8 +427,7 @@ def run_study(
                 cell, seed = todo[0]
                 if os.path.isfile(os.path.join(workdir_of(study, cell, seed), "results.json")):
                     todo.pop(0)
-                    collect(study, cell, seed)
-                    print(f"[{study.name}] {cell.name} seed {seed}: collected", flush=True)
+                    _collect(study, cell, seed)
                     continue
                 if max_runs is not None and runs >= max_runs:
                     todo.clear()
