@@ -296,7 +296,8 @@ def build(
     # per step on the image gradients, so weight 0.1 means "the MI term pushes the images a tenth
     # as hard as the base loss" for every method and dataset.
     # layers=() uses every block; layer_weights=() weighs them all 1; chunk_size, k_pos, k_neg,
-    # n_data = 0 mean "off" (None in mi.MIConfig). optimizer/lr train the projection heads.
+    # n_data = 0 mean "off" (None in mi.MIConfig). optimizer/lr train the projection heads
+    # (heads=per_side: lr 3e-4; at 1e-3 the two sides' heads do not align, see README).
     # networks: "paired" takes real features from the real-side network (MTT: the expert at
     # t+M) and synthetic ones from the synthetic-side network (MTT: the student after the
     # unroll); "shared" passes both through the synthetic-side network. DM/DC have one network.

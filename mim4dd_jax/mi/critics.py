@@ -388,9 +388,13 @@ def init_heads(
             "bias": bias(),
         }
         if cfg.heads == "per_side":
-            # Keys apart from every layer's shared-head key, so "proj" is the same either way.
-            syn_key = jax.random.fold_in(jax.random.fold_in(key, layer), 1)
-            layer_params["proj_syn"] = _init_head(head, syn_key, dummy)
+            # The synthetic side's head starts as a copy of the real side's (its own buffers),
+            # then trains apart. Two networks of one lineage (MTT's expert and the student
+            # started from it) share a feature basis, and equal heads keep it: the bound starts
+            # where a shared head's does. Independently drawn heads start it at ~0, and at
+            # Adam lr 1e-3 they had not aligned after 200 updates (MTT IPC 1: 0.003 nats vs 1.1
+            # for a shared head, benchmarks/probe_mi_heads.py).
+            layer_params["proj_syn"] = jax.tree.map(jnp.copy, layer_params["proj"])
         if cfg.critic == "bilinear":
             layer_params["w"] = jnp.eye(cfg.embed_dim, dtype=jnp.float32)
         params.append(layer_params)
