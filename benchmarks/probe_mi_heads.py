@@ -40,6 +40,7 @@ ARMS = {
     "copy-sgd0.1": ("per_side", "copy", "sgd", 0.1),
     "copy-sgd1": ("per_side", "copy", "sgd", 1.0),
     "shared-sgd1": ("shared", "-", "sgd", 1.0),
+    "shared-adam3e-4": ("shared", "-", "adam", 3e-4),
 }
 
 
@@ -48,6 +49,7 @@ def main() -> None:
     p.add_argument("workdir")
     p.add_argument("--steps", type=int, default=300, help="head updates per arm")
     p.add_argument("--arms", default=",".join(ARMS), help=f"of {', '.join(ARMS)}")
+    p.add_argument("--reduce", default="", help="mi.reduce (default: the run's)")
     p.add_argument("--pool", type=int, default=24, help="feature sets, drawn from per update")
     p.add_argument("--report", default="10,50,100,200,300")
     args = p.parse_args()
@@ -71,6 +73,8 @@ def main() -> None:
     for dotted in ("mi.reduce", "mi.temperature", "mi.head", "mtt.experts_dir"):
         config_lib.set_dotted(config, dotted, stored[dotted])
     config_lib.set_dotted(config, "mi.weight", 0.1)
+    if args.reduce:
+        config_lib.set_dotted(config, "mi.reduce", args.reduce)
     syn = np.load(os.path.join(args.workdir, "distilled.npz"))
     images, labels, lr = (jnp.asarray(syn[k]) for k in ("model_images", "labels", "lr"))
     dataset = data_lib.load_from_config(config.data)
