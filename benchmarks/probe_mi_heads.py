@@ -12,8 +12,9 @@ ceiling ln(C) per layer) at the update's start. The images do not move, so the c
 the heads can do in that many updates: an estimate that stays near 0 here stays near 0 in the
 run, and the MI gradient on the images is then the gradient of a bound on nothing.
 Arms (``--arms``): shared vs per-side heads, the synthetic head's init (a copy of the real side's,
-or its own draw), the optimiser and its lr (the runner's: ``mi.optimizer`` adam, ``mi.lr`` 1e-3). Features come from a pool (``--pool`` sets, computed once), so the arms see the
-same draws.
+or its own draw), the optimiser and its lr (the runner's defaults: ``mi.optimizer`` adam,
+``mi.lr`` 1e-3). Features come from a pool (``--pool`` sets, computed once), so the arms see
+the same draws.
 """
 
 from __future__ import annotations

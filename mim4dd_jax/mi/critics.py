@@ -392,8 +392,8 @@ def init_heads(
             # then trains apart. Two networks of one lineage (MTT's expert and the student
             # started from it) share a feature basis, and equal heads keep it: the bound starts
             # where a shared head's does. Independently drawn heads start it at ~0, and at
-            # Adam lr 1e-3 they had not aligned after 200 updates (MTT IPC 1: 0.003 nats vs 1.1
-            # for a shared head, benchmarks/probe_mi_heads.py).
+            # Adam lr 1e-3 two heads never align (MTT IPC 1, gap: <= 0.3 nats in 1000 updates
+            # vs 2.3 for a shared head; benchmarks/probe_mi_heads.py, BENCHMARKS.md).
             layer_params["proj_syn"] = jax.tree.map(jnp.copy, layer_params["proj"])
         if cfg.critic == "bilinear":
             layer_params["w"] = jnp.eye(cfg.embed_dim, dtype=jnp.float32)
