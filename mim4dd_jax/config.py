@@ -8,6 +8,7 @@ as ``"random,ipc10"`` or ``"herding,ipc1,local"``: a method, ``ipc<k>``, and opt
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -281,8 +282,13 @@ def build(
         )
     )
     # A step with a non-finite loss or gradient is skipped (the state is kept); after
-    # max_consecutive such steps in a row the run stops.
-    c.guard = ml_collections.ConfigDict(dict(max_consecutive=10))
+    # max_consecutive such steps in a row the run stops. With the MIM4DD term on, a run whose
+    # MI estimate (summed over layers, best logged value) is still below mi_alive_nats at
+    # iteration mi_alive_by gets a warning: its heads are not learning the bound, so the term's
+    # gradient is noise (mi_alive_by 0: no check).
+    c.guard = ml_collections.ConfigDict(
+        dict(max_consecutive=10, mi_alive_by=100, mi_alive_nats=0.1)
+    )
     # The device mesh (mim4dd_jax.sharding): shape () = all devices on one "data" axis; real
     # batches, MTT trajectories and evaluation models are split over it. distributed: "auto"
     # calls jax.distributed.initialize() when the environment is a multi-process launch, or
@@ -469,6 +475,7 @@ def _validate_distill(c: ml_collections.ConfigDict) -> None:
         ("distill.keep_checkpoints", d.keep_checkpoints, 1),
         ("distill.real_chunk", d.real_chunk, -1),
         ("guard.max_consecutive", c.guard.max_consecutive, 1),
+        ("guard.mi_alive_by", c.guard.mi_alive_by, 0),
         ("mtt.syn_steps", c.mtt.syn_steps, 1),
         ("mtt.expert_epochs", c.mtt.expert_epochs, 1),
         ("mtt.max_start_epoch", c.mtt.max_start_epoch, 1),
@@ -492,6 +499,9 @@ def _validate_distill(c: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"{field} must be > 0, got {value!r}")
     if not 0 <= d.momentum < 1:
         raise ConfigError(f"distill.momentum must be in [0, 1), got {d.momentum!r}")
+    nats = c.guard.mi_alive_nats
+    if isinstance(nats, bool) or not isinstance(nats, int | float) or not math.isfinite(nats):
+        raise ConfigError(f"guard.mi_alive_nats must be a finite number, got {nats!r}")
     state_lib.mi_weight(c)
     check_choice("mi.networks", c.mi.networks, MI_NETWORKS)
     check_choice("mi.weight_mode", c.mi.weight_mode, MI_WEIGHT_MODES)

@@ -139,6 +139,37 @@ _ADDED_FIELDS = {
 }
 
 
+class _BoundWatch:
+    """Warns once when the MI estimate (summed over layers, the best logged value) is still
+    below ``guard.mi_alive_nats`` at iteration ``guard.mi_alive_by``: the heads are not learning
+    the bound, so the term pulls on the images with the gradient of a bound on nothing (seen
+    with per-side heads at Adam 1e-3 in MTT: BENCHMARKS.md, "MIM4DD, the paper's form")."""
+
+    def __init__(self, config: Any) -> None:
+        g = config.guard
+        on = config.mi.objective == "mim4dd" and bool(state_lib.mi_weight(config))
+        self.by, self.nats = (int(g.mi_alive_by) if on else 0), float(g.mi_alive_nats)
+        self.best, self.warned = -float("inf"), False
+
+    def see(self, iteration: int, mi_per_layer: Any) -> bool:
+        """Takes one logged window's per-layer estimates; True when it warned (once)."""
+        if not self.by or self.warned:
+            return False
+        self.best = max(self.best, float(np.sum(mi_per_layer)))
+        if iteration < self.by or self.best >= self.nats:
+            return False
+        self.warned = True
+        message = (
+            f"warning: the MI estimate is still below guard.mi_alive_nats={self.nats:g} nats "
+            f"(best {self.best:.3g}, summed over layers) at iteration {iteration}: the heads are "
+            "not learning the bound, so the MI term's gradient is noise; try a lower mi.lr "
+            "(mi.heads=per_side: 3e-4) or mi.reduce=flatten (guard.mi_alive_by=0: no check)"
+        )
+        logging.warning(message)
+        artifacts.progress_write(message)
+        return True
+
+
 def _config_fingerprint(config: Any) -> dict[str, Any]:
     """Every config field, flattened to dotted names and JSON scalars."""
     flat = artifacts.flatten_dotted(config.to_dict())
@@ -331,6 +362,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         enabled=main,  # in logs too: a distillation's bar is its progress line
     )
     window_start, window, consecutive_skips = time.perf_counter(), [], 0
+    alive = _BoundWatch(config) if main else None
     with _StopRequest() as stop:
         for it in bar:
             if (d.eval_every and it % d.eval_every == 0) or it in eval_at:
@@ -357,6 +389,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                 postfix = {"loss": f"{row['loss']:.4g}"}
                 if mi_on:
                     postfix["mi"] = f"{float(np.sum(row['mi'])):.3g}"
+                    if alive is not None:
+                        alive.see(done, row["mi"])
                     # How hard the MI term pushes the images, relative to the base loss.
                     postfix["mi/base"] = f"{row['grad_ratio']:.2g}"
                 bar.set_postfix(postfix)

@@ -227,6 +227,62 @@ def test_non_finite_step_leaves_the_state_unchanged_and_is_counted(case):
     assert step._cache_size() == 1
 
 
+def test_bound_watch_warns_once_when_the_mi_estimate_stays_dead(capsys):
+    watch = distill._BoundWatch(
+        tiny_config("dm,ipc1", **{"mi.weight": 0.1, "guard.mi_alive_by": 20})
+    )
+    # Below 0.1 nats summed (0.09), but before iteration 20: no warning yet.
+    assert not watch.see(10, [0.02, 0.03, 0.04])
+    assert watch.see(20, [0.01, 0.0, 0.0])  # best 0.09 < 0.1 at iteration 20
+    assert not watch.see(30, [0.0, 0.0, 0.0])  # once
+    out = capsys.readouterr().out
+    assert out.count("guard.mi_alive_nats=0.1 nats (best 0.09") == 1
+    assert "mi.heads=per_side: 3e-4" in out
+    alive = distill._BoundWatch(
+        tiny_config("dm,ipc1", **{"mi.weight": 0.1, "guard.mi_alive_by": 20})
+    )
+    assert not alive.see(10, [0.05, 0.03, 0.04])  # 0.12: a live bound, even if it dips later
+    assert not alive.see(20, [0.0, 0.0, 0.0]) and not alive.see(30, [0.0, 0.0, 0.0])
+    for off in (
+        {"mi.weight": 0.1, "guard.mi_alive_by": 0},
+        {"mi.weight": 0.0, "guard.mi_alive_by": 20},
+        {
+            "mi.weight": 0.1,
+            "guard.mi_alive_by": 20,
+            "mi.objective": "cmidd",  # a conditional MI that is minimised: small is the goal
+            "mi.head": "none",
+        },
+    ):
+        assert not distill._BoundWatch(tiny_config("dm,ipc1", **off)).see(50, [0.0])
+    assert capsys.readouterr().out == ""
+
+
+def test_a_run_whose_mi_bound_stays_dead_says_so(fake_npz, tmp_path, capsys):
+    overrides = {
+        **SMALL_NET,
+        "data.source": "npz",
+        "data.path": fake_npz,
+        "distill.iterations": 3,
+        "distill.log_every": 1,
+        "distill.eval_every": 0,
+        "eval.epochs": 1,
+        "eval.num_models": 1,
+        "mi.weight": 0.1,
+        "guard.mi_alive_by": 2,
+    }
+    # No real bound reaches 1e9 nats: the check must fire at iteration 2, once.
+    distill.run(
+        tiny_config("dm,ipc1", **overrides, **{"guard.mi_alive_nats": 1e9}),
+        str(tmp_path / "dead"),
+    )
+    assert capsys.readouterr().out.count("at iteration 2: the heads are not learning") == 1
+    distill.run(
+        tiny_config("dm,ipc1", **overrides, **{"guard.mi_alive_nats": -1e9}),
+        str(tmp_path / "alive"),
+    )
+    assert "not learning" not in capsys.readouterr().out
+
+
 def test_guard_stops_the_run_and_keeps_the_last_good_artifacts(fake_npz, tmp_path, monkeypatch):
     config = tiny_config(
         "dm,ipc1",
@@ -345,6 +401,11 @@ BAD_INPUTS = {
         "dm,ipc1",
         ["--config.guard.max_consecutive=0"],
         "guard.max_consecutive must be an integer >= 1, got 0",
+    ),
+    "negative MI check iteration": (
+        "dm,ipc1",
+        ["--config.guard.mi_alive_by=-1"],
+        "guard.mi_alive_by must be an integer >= 0, got -1",
     ),
 }
 # Checked only after the data is loaded (inside the mode's run): also run with a workdir that
