@@ -407,6 +407,11 @@ BAD_INPUTS = {
         ["--config.guard.mi_alive_by=-1"],
         "guard.mi_alive_by must be an integer >= 0, got -1",
     ),
+    "infinite MI check threshold": (
+        "dm,ipc1",
+        ["--config.guard.mi_alive_nats=inf"],
+        "guard.mi_alive_nats must be a finite number, got inf",
+    ),
 }
 # Checked only after the data is loaded (inside the mode's run): also run with a workdir that
 # holds earlier results, which must survive byte for byte.
