@@ -151,11 +151,11 @@ class _BoundWatch:
         self.by, self.nats = (int(g.mi_alive_by) if on else 0), float(g.mi_alive_nats)
         self.best, self.warned = -float("inf"), False
 
-    def see(self, iteration: int, mi_per_layer: Any) -> bool:
-        """Takes one logged window's per-layer estimates; True when it warned (once)."""
+    def see(self, iteration: int, mi_sum: float) -> bool:
+        """Takes one logged window's estimate summed over layers; True when it warned (once)."""
         if not self.by or self.warned:
             return False
-        self.best = max(self.best, float(np.sum(mi_per_layer)))
+        self.best = max(self.best, mi_sum)
         if iteration < self.by or self.best >= self.nats:
             return False
         self.warned = True
@@ -388,9 +388,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                     writer.write(done, **row)
                 postfix = {"loss": f"{row['loss']:.4g}"}
                 if mi_on:
-                    postfix["mi"] = f"{float(np.sum(row['mi'])):.3g}"
+                    mi_sum = float(np.sum(row["mi"]))
+                    postfix["mi"] = f"{mi_sum:.3g}"
                     if alive is not None:
-                        alive.see(done, row["mi"])
+                        alive.see(done, mi_sum)
                     # How hard the MI term pushes the images, relative to the base loss.
                     postfix["mi/base"] = f"{row['grad_ratio']:.2g}"
                 bar.set_postfix(postfix)

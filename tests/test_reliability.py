@@ -232,17 +232,17 @@ def test_bound_watch_warns_once_when_the_mi_estimate_stays_dead(capsys):
         tiny_config("dm,ipc1", **{"mi.weight": 0.1, "guard.mi_alive_by": 20})
     )
     # Below 0.1 nats summed (0.09), but before iteration 20: no warning yet.
-    assert not watch.see(10, [0.02, 0.03, 0.04])
-    assert watch.see(20, [0.01, 0.0, 0.0])  # best 0.09 < 0.1 at iteration 20
-    assert not watch.see(30, [0.0, 0.0, 0.0])  # once
+    assert not watch.see(10, 0.02 + 0.03 + 0.04)
+    assert watch.see(20, 0.01)  # best 0.09 < 0.1 at iteration 20
+    assert not watch.see(30, 0.0)  # once
     out = capsys.readouterr().out
     assert out.count("guard.mi_alive_nats=0.1 nats (best 0.09") == 1
     assert "mi.heads=per_side: 3e-4" in out
     alive = distill._BoundWatch(
         tiny_config("dm,ipc1", **{"mi.weight": 0.1, "guard.mi_alive_by": 20})
     )
-    assert not alive.see(10, [0.05, 0.03, 0.04])  # 0.12: a live bound, even if it dips later
-    assert not alive.see(20, [0.0, 0.0, 0.0]) and not alive.see(30, [0.0, 0.0, 0.0])
+    assert not alive.see(10, 0.05 + 0.03 + 0.04)  # 0.12: a live bound, even if it dips later
+    assert not alive.see(20, 0.0) and not alive.see(30, 0.0)
     for off in (
         {"mi.weight": 0.1, "guard.mi_alive_by": 0},
         {"mi.weight": 0.0, "guard.mi_alive_by": 20},
@@ -253,7 +253,7 @@ def test_bound_watch_warns_once_when_the_mi_estimate_stays_dead(capsys):
             "mi.head": "none",
         },
     ):
-        assert not distill._BoundWatch(tiny_config("dm,ipc1", **off)).see(50, [0.0])
+        assert not distill._BoundWatch(tiny_config("dm,ipc1", **off)).see(50, 0.0)
     assert capsys.readouterr().out == ""
 
 
