@@ -3,7 +3,7 @@
   python benchmarks/study.py benchmarks/studies/reproduction/study.toml            # run / continue
   python benchmarks/study.py benchmarks/studies/reproduction/study.toml --only 'dm_*'
   python benchmarks/study.py benchmarks/studies/reproduction/study.toml --report    # tables only
-  python benchmarks/study.py benchmarks/studies/reproduction/study.toml --list      # the plan
+  python benchmarks/study.py benchmarks/studies/reproduction/study.toml --list      # plan, hours left
   python benchmarks/study.py benchmarks/studies/reproduction/study.toml --jobs 2    # 2 at once
 
 A study file (TOML) declares the grid as data::
@@ -68,6 +68,7 @@ This file is the command line and the runner (running, resuming and collecting s
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import json
 import os
@@ -382,6 +383,131 @@ def _median(values: Sequence[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
 
 
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """Where an unfinished distillation stands, from its workdir: the last logged iteration of
+    ``iterations``, the median s/iter of its logged windows (the first, which compiles, left
+    out), the evaluations still to run and the median seconds one took so far (None: none ran)."""
+
+    iteration: int
+    iterations: int
+    s_per_iter: float | None
+    evals_left: int
+    eval_s: float | None
+
+    def left_s(self) -> float | None:
+        """Seconds left at the measured speeds, the evaluations counted only once one has been
+        timed (see ``untimed``); None before the first logged speed."""
+        if self.s_per_iter is None:
+            return None
+        left = (self.iterations - self.iteration) * self.s_per_iter
+        return left + self.evals_left * (self.eval_s or 0.0)
+
+    @property
+    def untimed(self) -> int:
+        """Evaluations left that ``left_s`` leaves out: none of this run's has been timed."""
+        return self.evals_left if self.eval_s is None else 0
+
+
+def progress(workdir: str) -> Progress | None:
+    """The :class:`Progress` of a distillation workdir; None when it has not logged yet or is
+    not a distillation (an experts run)."""
+    config_path = os.path.join(workdir, "config.json")
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if not (os.path.isfile(config_path) and os.path.isfile(metrics_path)):
+        return None
+    with open(config_path) as f:
+        config = json.load(f)
+    if config.get("mode") != "distill":
+        return None
+    iterations = int(config["distill.iterations"])
+    every = int(config.get("distill.eval_every") or 0)
+    at = config.get("distill.eval_at") or ()
+    at = {int(i) for i in (ast.literal_eval(at) if isinstance(at, str) else at)}
+    # As distill.py schedules them: before each step it is due at, and once after the last.
+    due = {i for i in range(iterations) if (every and i % every == 0) or i in at} | {iterations}
+    rows = artifacts.read_metrics(metrics_path)
+    trained = [r for r in rows if "loss" in r]
+    timed = [r["s_per_iter"] for r in trained if "s_per_iter" in r]
+    # An evaluation's time: its accuracy row's stamp minus the row logged just before it, when
+    # that row is the training window ending at the same iteration (not across a resume).
+    eval_s, evaluated = [], set()
+    for before, row in zip([None, *rows[:-1]], rows, strict=True):
+        if "accuracy" not in row:
+            continue
+        evaluated.add(int(row["step"]))
+        if before and "loss" in before and before["step"] == row["step"] and "time" in before:
+            eval_s.append(row["time"] - before["time"])
+    return Progress(
+        iteration=max((int(r["step"]) for r in trained), default=0),
+        iterations=iterations,
+        s_per_iter=float(_median(timed[1:] or timed)) if timed else None,
+        evals_left=len(due - evaluated),
+        eval_s=float(_median(eval_s)) if eval_s else None,
+    )
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h"
+
+
+def list_plan(study: Study, cells: Sequence[Cell]) -> list[str]:
+    """``--list``: per seed, done / part / todo, with its command; for a started seed where it
+    stands and the hours left at its measured speeds; for a seed not started, the median wall
+    time of its cell's done seeds. Then the hours left in all, at the speeds the runs had on
+    the cores they had (a run on one core of two is slower than one alone)."""
+    lines, known, unknown, untimed = [], 0.0, 0, 0
+    for cell in cells:
+        done_wall = []
+        for seed in cell.seeds:
+            path = result_path(study, cell, seed)
+            if os.path.isfile(path):
+                with open(path) as f:
+                    wall = json.load(f).get("wall_s")
+                if wall:
+                    done_wall.append(float(wall))
+        for seed in cell.seeds:
+            cmd = " ".join(command(cell, seed, "…")[2:])
+            if os.path.isfile(result_path(study, cell, seed)):
+                lines.append(f"done  {cell.name} seed {seed}: {cmd}")
+                continue
+            where = progress(workdir_of(study, cell, seed))
+            if where:
+                left = where.left_s()
+                notes = [f"iteration {where.iteration} of {where.iterations}"]
+                if where.s_per_iter:
+                    notes.append(f"{where.s_per_iter:.1f} s/iter")
+                if where.evals_left:
+                    each = f"~{where.eval_s:.0f} s each" if where.eval_s is not None else "untimed"
+                    notes.append(f"{_count(where.evals_left, 'evaluation')} left ({each})")
+                untimed += where.untimed
+                state = f"part  {cell.name} seed {seed} ({', '.join(notes)}"
+            elif done_wall:
+                left = _median(done_wall)
+                state = f"todo  {cell.name} seed {seed} (as its cell's done seeds"
+            else:
+                left = None
+                state = f"todo  {cell.name} seed {seed} (not started"
+            if left is None:
+                unknown += 1
+            else:
+                known += left
+                state += f"; ~{_hours(left)} left"
+            lines.append(f"{state}): {cmd}")
+    todo = sum(not line.startswith("done") for line in lines)
+    tail = [f"left: {_count(todo, 'run')}, ~{_hours(known)} measured (one run at a time)"]
+    if untimed:
+        tail.append(f"plus {_count(untimed, 'untimed evaluation')}")
+    if unknown:
+        tail.append(f"{_count(unknown, 'run')} with no estimate yet")
+    lines.append("; ".join(tail))
+    return lines
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _collect(study: Study, cell: Cell, seed: int) -> None:
     collect(study, cell, seed)
     print(f"[{study.name}] {cell.name} seed {seed}: collected", flush=True)
@@ -503,11 +629,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {line}", file=sys.stderr)
         return 2
     if args.list:
-        for cell in cells:
-            for seed in cell.seeds:
-                done = os.path.isfile(result_path(study, cell, seed))
-                state = "done" if done else "todo"
-                print(f"{state}  {cell.name} seed {seed}: {' '.join(command(cell, seed, '…')[2:])}")
+        print("\n".join(list_plan(study, cells)))
         return 0
     if args.add_traces:
         print(f"[{study.name}] traces added to {add_traces(study, cells)} results", flush=True)
