@@ -46,6 +46,8 @@ Each (cell, seed) is one ``run.py`` process with its workdir in
   the last sitting stopped), and collects one whose workdir finished but was never collected;
 - with ``--jobs N``, runs N seeds at once, each pinned to its own share of the cores: a small
   step (MTT IPC 1) uses two cores poorly, so two runs on one core each get ~1.3x as much done;
+  when nothing is left to start, the running seed with the most time left (over 10 minutes at
+  its measured speed) is stopped at a checkpoint and resumed on the freed cores too;
 - resumes an interrupted seed from its checkpoints (run.py resumes from its workdir); the child
   gets SIGTERM when the runner dies (``kill -9`` included), so it checkpoints and stops, and a
   rerun loses at most one ``distill.checkpoint_every`` interval; after a ``kill -9`` of both,
@@ -117,6 +119,12 @@ _DIE_WITH_PARENT = (
 )
 # How often the runner looks at its children with --jobs > 1.
 _POLL_S = 1.0
+# With --jobs > 1 and nothing left to start, a running seed is resumed on the freed cores too
+# (XLA sizes its thread pool when it starts, so only a restart uses them): at most once a
+# minute, and only a seed with more than 10 minutes left at its measured speed, since the
+# restart costs a checkpoint, a reload and a compile (~1 min for MTT IPC 1).
+_WIDEN_CHECK_S = 60.0
+_WIDEN_MIN_LEFT_S = 600.0
 
 
 def _runner_record(workdir: str) -> dict[str, Any]:
@@ -524,6 +532,22 @@ def _ended(study: Study, run: _Running, code: int, failures: list[str]) -> bool:
     return code in (-signal.SIGTERM, 128 + signal.SIGTERM, -signal.SIGINT, 130)
 
 
+def _merge(groups: Sequence[tuple[int, ...] | None]) -> tuple[int, ...]:
+    return tuple(sorted(c for group in groups for c in group or ()))
+
+
+def _widest_candidate(running: Sequence[_Running]) -> _Running | None:
+    """The running seed with the most time left, if more than ``_WIDEN_MIN_LEFT_S`` (a seed
+    not yet logged, or an experts run, has no estimate and is left alone)."""
+    best, best_left = None, _WIDEN_MIN_LEFT_S
+    for run in running:
+        where = progress(run.workdir)
+        left = where.left_s() if where else None
+        if left is not None and left > best_left:
+            best, best_left = run, left
+    return best
+
+
 def run_study(
     study: Study,
     cells: Iterable[Cell],
@@ -546,7 +570,8 @@ def run_study(
     todo = [(c, s) for _, _, c, s in order if not os.path.isfile(result_path(study, c, s))]
     free: list[tuple[int, ...] | None] = core_groups(jobs) if jobs > 1 else [None]
     running: list[_Running] = []
-    runs, stopped = 0, False
+    widening: _Running | None = None  # a seed stopped to resume it on more cores
+    runs, stopped, next_widen = 0, False, 0.0
     try:
         while todo or running:
             while todo and free and not stopped:
@@ -560,18 +585,43 @@ def run_study(
                     break
                 todo.pop(0)
                 runs += 1
-                running.append(start_seed(study, cell, seed, quiet=quiet, cores=free.pop(0)))
+                # Fewer seeds left than core groups: each takes its share of the spare ones.
+                take = max(1, len(free) // (len(todo) + 1)) if jobs > 1 else 1
+                cores, free[:take] = (_merge(free[:take]) if jobs > 1 else free[0]), []
+                running.append(start_seed(study, cell, seed, quiet=quiet, cores=cores))
             if not running:
                 break
-            # One run: wait for it; several: look at each in turn until one has ended.
-            done = running[0] if len(running) == 1 else None
+            spare = jobs > 1 and free and not todo and not stopped
+            if spare and widening is None and time.time() >= next_widen:
+                next_widen = time.time() + _WIDEN_CHECK_S
+                widening = _widest_candidate(running)
+                if widening is not None:
+                    cores = _merge([widening.cores, *free])
+                    print(
+                        f"[{study.name}] {widening.cell.name} seed {widening.seed}: nothing "
+                        f"left to start, so it resumes on cores {','.join(map(str, cores))}",
+                        flush=True,
+                    )
+                    widening.child.send_signal(signal.SIGTERM)  # it checkpoints and stops
+            # One run and no spare cores: wait for it; else look at each until one has ended.
+            done = running[0] if len(running) == 1 and widening is None and not free else None
             done = done or next((r for r in running if r.child.poll() is not None), None)
             if done is None:
                 time.sleep(_POLL_S)
                 continue
             running.remove(done)
-            free.append(done.cores)
             code = finish_seed(done)
+            if done is widening:
+                widening = None
+                finished = os.path.isfile(os.path.join(done.workdir, "results.json"))
+                if code in (-signal.SIGTERM, 128 + signal.SIGTERM) and not (finished or stopped):
+                    cores = _merge([done.cores, *free])
+                    free.clear()
+                    running.append(
+                        start_seed(study, done.cell, done.seed, quiet=quiet, cores=cores)
+                    )
+                    continue
+            free.append(done.cores)
             if _ended(study, done, code, failures) and not stopped:
                 stopped = True  # stopped from outside: stop the others, then the study
                 todo.clear()

@@ -124,3 +124,78 @@ def test_jobs_without_affinity_is_one_clear_error(monkeypatch):
         study_spec.StudyError, match=r"--jobs 2: .*sched_setaffinity.*valid here: 1"
     ):
         study_lib.core_groups(2)
+
+
+# argv: workdir. Logs like a distillation with ~1000 s left (config.json, metrics.jsonl), then
+# waits; SIGTERM makes it record its cores in stopped.json and exit 143 as run.py does (after a
+# checkpoint). Started again (stopped.json there), it records its cores in ran.json and fails.
+LONG_STAND_IN = """
+import json, os, signal, sys, time
+workdir = sys.argv[1]
+cores = sorted(os.sched_getaffinity(0))
+stopped = os.path.join(workdir, "stopped.json")
+if os.path.isfile(stopped):
+    with open(os.path.join(workdir, "ran.json"), "w") as f:
+        json.dump({"cores": cores}, f)
+    sys.exit(1)
+def stop(*_):
+    with open(stopped, "w") as f:
+        json.dump({"cores": cores}, f)
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump({"mode": "distill", "distill.iterations": 110, "distill.eval_at": "()",
+               "distill.eval_every": 0}, f)
+with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    for step in (10, 20):
+        f.write(json.dumps({"step": step, "loss": 1.0, "s_per_iter": 10.0}) + "\\n")
+time.sleep(60)
+sys.exit(1)
+"""
+
+
+def test_with_nothing_left_to_start_a_long_run_resumes_on_the_freed_cores(tmp_path, monkeypatch):
+    study = _study(tmp_path, ["long", "short"])
+
+    def command(cell, seed, workdir):
+        if cell.name == "long":
+            return [sys.executable, "-c", LONG_STAND_IN, workdir]
+        return [sys.executable, "-c", STAND_IN, workdir, "1.0", "fail"]
+
+    monkeypatch.setattr(study_lib, "command", command)
+    t0 = time.time()
+    failures = study_lib.run_study(study, study.cells, quiet=True, jobs=2)
+    assert time.time() - t0 < 30  # long was stopped, not waited for
+    # The restart is not a failure; the resumed run's own exit is.
+    assert failures == ["short seed 0: run.py exited 1", "long seed 0: run.py exited 1"]
+    groups = study_lib.core_groups(2)
+    workdir = study_spec.workdir_of(study, _cell(study, "long"), 0)
+    with open(os.path.join(workdir, "stopped.json")) as f:
+        assert json.load(f)["cores"] == list(groups[0])
+    assert _ran(study, "long")["cores"] == sorted(groups[0] + groups[1])
+    with open(os.path.join(workdir, "study_runner.json")) as f:
+        assert json.load(f)["sittings"] == 2
+
+
+def test_a_run_near_its_end_is_not_restarted(tmp_path, monkeypatch):
+    # ~900 s left at its speed, under a 5000 s threshold: long runs to its end on its own core.
+    study = _study(tmp_path, ["long", "short"])
+    monkeypatch.setattr(study_lib, "_WIDEN_MIN_LEFT_S", 5000.0)
+
+    def command(cell, seed, workdir):
+        if cell.name == "long":
+            return [sys.executable, "-c", LONG_STAND_IN.replace("sleep(60)", "sleep(3)"), workdir]
+        return [sys.executable, "-c", STAND_IN, workdir, "0.5", "fail"]
+
+    monkeypatch.setattr(study_lib, "command", command)
+    failures = study_lib.run_study(study, study.cells, quiet=True, jobs=2)
+    assert failures == ["short seed 0: run.py exited 1", "long seed 0: run.py exited 1"]
+    workdir = study_spec.workdir_of(study, _cell(study, "long"), 0)
+    assert not os.path.exists(os.path.join(workdir, "stopped.json"))
+
+
+def test_fewer_seeds_than_jobs_share_the_spare_cores(tmp_path, monkeypatch):
+    study = _study(tmp_path, ["only"])
+    _stand_in(monkeypatch, {"only": (0.1, "fail")})
+    assert len(study_lib.run_study(study, study.cells, quiet=True, jobs=2)) == 1
+    assert _ran(study, "only")["cores"] == sorted(os.sched_getaffinity(0))
