@@ -50,9 +50,11 @@ Each (cell, seed) is one ``run.py`` process with its workdir in
   its measured speed) is stopped at a checkpoint and resumed on the freed cores too;
 - resumes an interrupted seed from its checkpoints (run.py resumes from its workdir); the child
   gets SIGTERM when the runner dies (``kill -9`` included), so it checkpoints and stops, and a
-  rerun loses at most one ``distill.checkpoint_every`` interval; after a ``kill -9`` of both,
-  run.py cuts ``metrics.jsonl`` back to its last checkpoint, so every step is traced once, and
-  the wall time sums every sitting (a killed one up to its last write);
+  rerun loses at most one ``distill.checkpoint_every`` interval; SIGTERM (or Ctrl-C) to the
+  runner passes it on and waits for the children to stop, and a rerun started while an old
+  child still holds its workdir waits for it (run.py locks its workdir); after a ``kill -9``
+  of both, run.py cuts ``metrics.jsonl`` back to its last checkpoint, so every step is traced
+  once, and the wall time sums every sitting (a killed one up to its last write);
 - writes ``runs/study/<study>/table.md`` and ``table.csv`` (per cell: final and best accuracy
   mean ± std over seeds, each seed being its mean over the evaluation models; seeds, models,
   iterations, s/iter, peak RSS, wall time; the published number and the difference),
@@ -71,14 +73,16 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import IO, Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,10 +110,11 @@ RESULT_VERSION = 1
 
 
 # Runs argv[3:] after asking Linux to send it SIGTERM when this runner dies (PR_SET_PDEATHSIG,
-# kept across exec), even by SIGKILL: the child then checkpoints and stops, so a rerun never
-# finds a second writer in the workdir. argv[2], when not empty, pins it to those cores
-# (``--jobs``; kept across exec, and XLA sizes its thread pool by it). A wrapper, not
-# preexec_fn, which is unsafe in a multithreaded parent (JAX's, in the tests).
+# kept across exec), even by SIGKILL: the child then checkpoints and stops; a rerun started
+# before it has (it locks its workdir while it runs) waits for it in start_seed. argv[2],
+# when not empty, pins it to those cores (``--jobs``; kept across exec, and XLA sizes its
+# thread pool by it). A wrapper, not preexec_fn, which is unsafe in a multithreaded parent
+# (JAX's, in the tests).
 _DIE_WITH_PARENT = (
     "import ctypes, os, signal, sys; "
     "ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
@@ -167,6 +172,36 @@ class _Running:
     cores: tuple[int, ...] | None
 
 
+# How long a seed's start waits for a run that still holds its workdir (a run.py stopping after
+# a signal finishes its step and saves a checkpoint first: minutes for a slow step).
+_WORKDIR_WAIT_S = 1800.0
+
+
+def _wait_for_workdir(study: Study, workdir: str, timeout_s: float = _WORKDIR_WAIT_S) -> None:
+    """Returns once no process holds ``workdir`` (run.py locks it while it runs, see
+    ``mim4dd_jax.runner.lock``), or after ``timeout_s`` (the child then says who holds it)."""
+    if not os.path.isdir(workdir):
+        return
+    fd = os.open(workdir, os.O_RDONLY)
+    try:
+        deadline, said = time.time() + timeout_s, False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return  # released with fd below, before the child starts
+            except BlockingIOError:
+                if time.time() > deadline:
+                    return
+                if not said:
+                    print(f"[{study.name}] waiting for the run still in {workdir}", flush=True)
+                    said = True
+                time.sleep(2.0)
+            except OSError:
+                return  # no flock on this filesystem: nothing to wait for
+    finally:
+        os.close(fd)
+
+
 def start_seed(
     study: Study,
     cell: Cell,
@@ -179,6 +214,7 @@ def start_seed(
     wait (:func:`finish_seed` does)."""
     workdir = workdir_of(study, cell, seed)
     os.makedirs(os.path.dirname(workdir), exist_ok=True)
+    _wait_for_workdir(study, workdir)
     argv = command(cell, seed, workdir)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     pin = ",".join(map(str, cores)) if cores else ""
@@ -639,6 +675,27 @@ def run_study(
 # ------------------------------------------------------------------------------ CLI
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM to the runner, handled as Ctrl-C is: each running seed gets SIGTERM and the
+    runner waits for it to checkpoint and stop, so a rerun right after finds its workdir free."""
+
+
+@contextlib.contextmanager
+def sigterm_stops_the_runs() -> Iterator[None]:
+    """Within: SIGTERM raises :class:`Terminated` (once; a second one is ignored while the
+    runs stop)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("study", help="a study file (TOML)")
@@ -683,11 +740,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.add_traces:
         print(f"[{study.name}] traces added to {add_traces(study, cells)} results", flush=True)
-    failures = (
-        []
-        if args.report or args.add_traces
-        else run_study(study, cells, quiet=args.quiet, max_runs=args.max_runs, jobs=args.jobs)
-    )
+    failures = []
+    if not (args.report or args.add_traces):
+        try:
+            with sigterm_stops_the_runs():
+                failures = run_study(
+                    study, cells, quiet=args.quiet, max_runs=args.max_runs, jobs=args.jobs
+                )
+        except KeyboardInterrupt as e:
+            print(f"[{study.name}] stopped: the running seeds saved checkpoints", file=sys.stderr)
+            return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
     print(report(study))
     print(f"[{study.name}] tables: {os.path.relpath(study.runs_dir, ROOT)}/", flush=True)
     for failure in failures:

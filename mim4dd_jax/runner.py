@@ -13,16 +13,21 @@ before this module stay readable): ``meta.json`` = experts, ``config.json`` = di
 ``results.json`` is an unknown run, refused by every mode.
 A mode refuses a workdir another mode owns; whether a workdir of its own mode holds *the same*
 run (resume) stays the mode's own check.
+
+One writer per workdir: :func:`start` locks it (``flock`` on the folder itself, on the main
+process only) for the rest of the run, so a second run started on it, say while the first is
+still checkpointing after a SIGTERM, stops with one line instead of writing beside it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from collections.abc import Callable
 from typing import Any, Generic, NamedTuple, TypeVar
 
-from mim4dd_jax import artifacts
+from mim4dd_jax import artifacts, sharding
 from mim4dd_jax import data as data_lib
 from mim4dd_jax.errors import ConfigError, check_choice
 
@@ -73,6 +78,42 @@ def claim(workdir: str, mode: str) -> str:
     return workdir
 
 
+# The workdirs this process holds (absolute path -> the open folder whose flock is the claim).
+# Process state by nature: the lock lives as long as that descriptor, and the OS drops it when
+# the process ends, even by SIGKILL, so a lock is never stale.
+_HELD: dict[str, int] = {}
+
+
+def lock(workdir: str) -> None:
+    """Claims the existing folder ``workdir`` for this process alone until :func:`unlock` or
+    the process ends (again by this process: a no-op). ConfigError if another process holds it.
+    A filesystem without ``flock`` support is not locked."""
+    workdir = os.path.abspath(workdir)
+    if workdir in _HELD:
+        return
+    fd = os.open(workdir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"workdir {workdir!r} is in use by another run (still running, or saving its "
+            "checkpoint after a stop signal); wait for it to end, or choose another --workdir"
+        ) from None
+    except OSError:
+        os.close(fd)
+        return
+    _HELD[workdir] = fd
+
+
+def unlock(workdir: str | None = None) -> None:
+    """Releases ``workdir`` (default: every workdir this process holds)."""
+    for path in [os.path.abspath(workdir)] if workdir else list(_HELD):
+        fd = _HELD.pop(path, None)
+        if fd is not None:
+            os.close(fd)
+
+
 class Started(NamedTuple, Generic[T]):
     """What :func:`start` hands the mode: the created workdir (absolute), the dataset (whitened
     when the config says so) and whatever the mode's ``checks`` returned."""
@@ -92,9 +133,16 @@ def start(
     ``checks(dataset, workdir)`` (the mode's data-dependent checks; they raise ConfigError and
     may return what they read), then create the workdir and whiten into its ZCA cache."""
     workdir = claim(workdir, mode)
+    # Only the main process writes the workdir's files (and a shared filesystem may lock
+    # across hosts). An existing workdir is claimed before the data loads.
+    main = sharding.is_main_process()
+    if main and os.path.isdir(workdir):
+        lock(workdir)
     dataset = data_lib.load_from_config(config.data, whitened=False)
     checked = checks(dataset, workdir) if checks is not None else None
     workdir = artifacts.prepare_workdir(workdir)
+    if main:
+        lock(workdir)
     dataset = data_lib.whiten_from_config(dataset, config.data, cache_dir=workdir)
     return Started(workdir, dataset, checked)
 
@@ -106,4 +154,5 @@ def finish(workdir: str, summary: dict[str, Any], *, log: bool = True) -> dict[s
         artifacts.MetricWriter(workdir).write(0, **summary)
     summary["machine"] = artifacts.machine()
     artifacts.write_json(os.path.join(workdir, RESULTS), summary)
+    unlock(workdir)
     return summary

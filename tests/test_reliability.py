@@ -468,6 +468,68 @@ def test_bad_input_gives_one_line_and_leaves_the_workdir_alone(tmp_path, inputs,
     assert snapshot(workdir) == before if existing else not workdir.exists()
 
 
+def test_a_workdir_another_run_holds_is_one_line_and_left_alone(tmp_path, inputs):
+    # Another process's run (here: a holder of the same flock, in its own process) is still in
+    # the workdir, e.g. saving its checkpoint after a SIGTERM: a second run on it stops at once.
+    workdir = tmp_path / "wd"
+    before = previous_results(workdir)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)",
+            str(workdir),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = run(
+            "--config=configs/fashion_mnist.py:dm,ipc1",
+            f"--config.data.path={inputs['tiny']}",
+            f"--workdir={workdir}",
+        )
+        check_one_line(r, f"workdir '{workdir}' is in use by another run (still running, or")
+        assert snapshot(workdir) == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_run_holds_its_workdir_until_it_ends(tmp_path):
+    from mim4dd_jax import errors, runner
+
+    workdir = tmp_path / "wd"
+    workdir.mkdir()
+    probe = [
+        sys.executable,
+        "-c",
+        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+        "try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+        "except BlockingIOError: sys.exit(3)",
+        str(workdir),
+    ]
+    runner.lock(str(workdir))
+    try:
+        runner.lock(str(workdir))  # again by the same process: a no-op
+        assert subprocess.run(probe).returncode == 3  # another process is refused
+    finally:
+        runner.unlock(str(workdir))
+    assert subprocess.run(probe).returncode == 0  # released
+    # And the other way round: this process is refused while another holds it.
+    fd = os.open(workdir, os.O_RDONLY)
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(errors.ConfigError, match="is in use by another run"):
+            runner.lock(str(workdir))
+    finally:
+        os.close(fd)
+
+
 # Root ignores file permissions through CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH. setpriv drops
 # both from the bounding and inheritable sets, so the child (still uid 0, so it can run an
 # interpreter installed under /root) is refused as any user would be.

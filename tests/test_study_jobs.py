@@ -4,7 +4,9 @@ recorded and the study goes on, a run stopped from outside stops the others and 
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 import pytest
@@ -199,3 +201,25 @@ def test_fewer_seeds_than_jobs_share_the_spare_cores(tmp_path, monkeypatch):
     _stand_in(monkeypatch, {"only": (0.1, "fail")})
     assert len(study_lib.run_study(study, study.cells, quiet=True, jobs=2)) == 1
     assert _ran(study, "only")["cores"] == sorted(os.sched_getaffinity(0))
+
+
+def test_sigterm_to_the_runner_waits_for_its_runs_to_stop(tmp_path, monkeypatch):
+    # The stand-in takes 1.5 s to stop after SIGTERM (run.py finishes its step and saves a
+    # checkpoint): the runner returns only after that, so a rerun finds the workdir free.
+    study = _study(tmp_path, ["long"])
+    slow_stop = LONG_STAND_IN.replace("def stop(*_):\n", "def stop(*_):\n    time.sleep(1.5)\n")
+    monkeypatch.setattr(
+        study_lib, "command", lambda cell, seed, workdir: [sys.executable, "-c", slow_stop, workdir]
+    )
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        with pytest.raises(study_lib.Terminated), study_lib.sigterm_stops_the_runs():
+            study_lib.run_study(study, study.cells, quiet=True)
+    finally:
+        timer.cancel()
+    workdir = study_spec.workdir_of(study, _cell(study, "long"), 0)
+    assert os.path.isfile(os.path.join(workdir, "stopped.json"))
+    with open(os.path.join(workdir, "study_runner.json")) as f:
+        assert "open" not in json.load(f)  # its sitting was closed
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
