@@ -158,6 +158,8 @@ sys.exit(1)
 
 def test_with_nothing_left_to_start_a_long_run_resumes_on_the_freed_cores(tmp_path, monkeypatch):
     study = _study(tmp_path, ["long", "short"])
+    # Look again soon if long has not logged yet when short ends (a slow machine).
+    monkeypatch.setattr(study_lib, "_WIDEN_CHECK_S", 0.2)
 
     def command(cell, seed, workdir):
         if cell.name == "long":
@@ -211,14 +213,17 @@ def test_sigterm_to_the_runner_waits_for_its_runs_to_stop(tmp_path, monkeypatch)
     monkeypatch.setattr(
         study_lib, "command", lambda cell, seed, workdir: [sys.executable, "-c", slow_stop, workdir]
     )
-    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
-    timer.start()
-    try:
-        with pytest.raises(study_lib.Terminated), study_lib.sigterm_stops_the_runs():
-            study_lib.run_study(study, study.cells, quiet=True)
-    finally:
-        timer.cancel()
     workdir = study_spec.workdir_of(study, _cell(study, "long"), 0)
+
+    def terminate_once_the_child_runs():
+        # The stand-in writes config.json after installing its SIGTERM handler.
+        while not os.path.isfile(os.path.join(workdir, "config.json")):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_once_the_child_runs, daemon=True).start()
+    with pytest.raises(study_lib.Terminated), study_lib.sigterm_stops_the_runs():
+        study_lib.run_study(study, study.cells, quiet=True)
     assert os.path.isfile(os.path.join(workdir, "stopped.json"))
     with open(os.path.join(workdir, "study_runner.json")) as f:
         assert "open" not in json.load(f)  # its sitting was closed
