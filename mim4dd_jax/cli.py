@@ -147,10 +147,6 @@ def main(argv: Sequence[str]) -> None:
         print(f"results in {workdir}: " + ", ".join(sorted(os.listdir(workdir))))
     except ConfigError as e:
         fail(str(e))
-    finally:
-        from mim4dd_jax import runner
-
-        runner.unlock()  # a run that stopped early (a signal, an error) holds its workdir
 
 
 def run() -> None:

@@ -124,6 +124,7 @@ def select(key: jax.Array, dataset: data_lib.Dataset, config: Any) -> np.ndarray
     return herding_indices(herding_features(key, dataset, config), index, config.ipc)
 
 
+@runner.holds_workdir
 def run(config: Any, workdir: str) -> dict[str, Any]:
     """Selects a coreset, evaluates it, and writes ``distilled.npz``, ``grid.png``, results."""
     workdir, dataset, _ = runner.start(

@@ -254,6 +254,7 @@ def _load_experts(config: Any, dataset: data_lib.Dataset) -> Any:
     )
 
 
+@runner.holds_workdir
 def run(config: Any, workdir: str) -> dict[str, Any]:
     """Distils ``config.data`` with ``config.method`` (+ MI) and writes the workdir artifacts.
 

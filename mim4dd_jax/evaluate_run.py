@@ -231,6 +231,7 @@ def results_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@runner.holds_workdir
 def run(config: Any, workdir: str, *, lr: float | None = None) -> dict[str, Any]:
     """Evaluates ``config.eval.set``; writes results.json, results.md, metrics.jsonl and
     grid.png into ``workdir``. ``lr``: overrides the set's stored lr (default: the stored lr,

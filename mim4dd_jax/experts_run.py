@@ -307,6 +307,7 @@ def _train_chunk(
         bar.update(1)
 
 
+@runner.holds_workdir
 def run(config: Any, workdir: str) -> dict[str, Any]:
     """Trains (or resumes) ``experts.num`` experts for ``experts.epochs`` epochs into ``workdir``.
 

@@ -15,13 +15,15 @@ A mode refuses a workdir another mode owns; whether a workdir of its own mode ho
 run (resume) stays the mode's own check.
 
 One writer per workdir: :func:`start` locks it (``flock`` on the folder itself, on the main
-process only) for the rest of the run, so a second run started on it, say while the first is
-still checkpointing after a SIGTERM, stops with one line instead of writing beside it.
+process only) until the mode's ``run`` (decorated with :func:`holds_workdir`) returns or raises,
+so a second run started on it, say while the first is still checkpointing after a SIGTERM,
+stops with one line instead of writing beside it.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -38,6 +40,7 @@ MODES = ("coreset", "distill", "experts", "evaluate")
 _MARKERS = (("meta.json", "experts"), ("config.json", "distill"))
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 def owner(workdir: str) -> str | None:
@@ -88,7 +91,7 @@ def lock(workdir: str) -> None:
     """Claims the existing folder ``workdir`` for this process alone until :func:`unlock` or
     the process ends (again by this process: a no-op). ConfigError if another process holds it.
     A filesystem without ``flock`` support is not locked."""
-    workdir = os.path.abspath(workdir)
+    workdir = os.path.abspath(os.path.expanduser(workdir))
     if workdir in _HELD:
         return
     fd = os.open(workdir, os.O_RDONLY)
@@ -108,10 +111,25 @@ def lock(workdir: str) -> None:
 
 def unlock(workdir: str | None = None) -> None:
     """Releases ``workdir`` (default: every workdir this process holds)."""
-    for path in [os.path.abspath(workdir)] if workdir else list(_HELD):
+    for path in [os.path.abspath(os.path.expanduser(workdir))] if workdir else list(_HELD):
         fd = _HELD.pop(path, None)
         if fd is not None:
             os.close(fd)
+
+
+def holds_workdir(run: Callable[..., R]) -> Callable[..., R]:
+    """Decorates a mode's ``run(config, workdir, ...)``: the workdir that :func:`start` locked
+    is released when it returns or raises (a refused resume, a stop signal, the guard), so a
+    later run in another process is not refused while this one lives on (a notebook)."""
+
+    @functools.wraps(run)
+    def wrapper(config: Any, workdir: str, *args: Any, **kwargs: Any) -> R:
+        try:
+            return run(config, workdir, *args, **kwargs)
+        finally:
+            unlock(workdir)
+
+    return wrapper
 
 
 class Started(NamedTuple, Generic[T]):
@@ -154,5 +172,4 @@ def finish(workdir: str, summary: dict[str, Any], *, log: bool = True) -> dict[s
         artifacts.MetricWriter(workdir).write(0, **summary)
     summary["machine"] = artifacts.machine()
     artifacts.write_json(os.path.join(workdir, RESULTS), summary)
-    unlock(workdir)
     return summary

@@ -518,6 +518,17 @@ def test_a_run_holds_its_workdir_until_it_ends(tmp_path):
     finally:
         runner.unlock(str(workdir))
     assert subprocess.run(probe).returncode == 0  # released
+
+    # A mode's run releases it however it ends, a refusal included.
+    @runner.holds_workdir
+    def refused(config, workdir):
+        runner.lock(workdir)
+        assert subprocess.run(probe).returncode == 3
+        raise errors.ConfigError("refused")
+
+    with pytest.raises(errors.ConfigError, match="refused"):
+        refused(None, str(workdir))
+    assert subprocess.run(probe).returncode == 0
     # And the other way round: this process is refused while another holds it.
     fd = os.open(workdir, os.O_RDONLY)
     try:
