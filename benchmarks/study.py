@@ -75,7 +75,6 @@ import argparse
 import ast
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import signal
@@ -182,24 +181,14 @@ def _wait_for_workdir(study: Study, workdir: str, timeout_s: float = _WORKDIR_WA
     ``mim4dd_jax.runner.lock``), or after ``timeout_s`` (the child then says who holds it)."""
     if not os.path.isdir(workdir):
         return
-    fd = os.open(workdir, os.O_RDONLY)
-    try:
-        deadline, said = time.time() + timeout_s, False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return  # released with fd below, before the child starts
-            except BlockingIOError:
-                if time.time() > deadline:
-                    return
-                if not said:
-                    print(f"[{study.name}] waiting for the run still in {workdir}", flush=True)
-                    said = True
-                time.sleep(2.0)
-            except OSError:
-                return  # no flock on this filesystem: nothing to wait for
-    finally:
-        os.close(fd)
+    deadline, said = time.time() + timeout_s, False
+    while (fd := artifacts.lock_folder(workdir)) is None and time.time() <= deadline:
+        if not said:
+            print(f"[{study.name}] waiting for the run still in {workdir}", flush=True)
+            said = True
+        time.sleep(2.0)
+    if fd is not None:
+        os.close(fd)  # released before the child starts
 
 
 def start_seed(
@@ -623,7 +612,8 @@ def run_study(
                 runs += 1
                 # Fewer seeds left than core groups: each takes its share of the spare ones.
                 take = max(1, len(free) // (len(todo) + 1)) if jobs > 1 else 1
-                cores, free[:take] = (_merge(free[:take]) if jobs > 1 else free[0]), []
+                cores = _merge(free[:take]) if jobs > 1 else free[0]
+                del free[:take]
                 running.append(start_seed(study, cell, seed, quiet=quiet, cores=cores))
             if not running:
                 break

@@ -4,6 +4,7 @@ Every write is atomic (tmp + rename)."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -57,6 +58,22 @@ def _umask() -> int:
 
 
 _GLOB_CHARS = "*?[]"
+
+
+def lock_folder(path: str) -> int | None:
+    """Opens the existing folder ``path`` and takes an exclusive, non-blocking ``flock`` on it:
+    the descriptor (the lock lives while it is open, and the OS drops it when the process ends,
+    even by SIGKILL), or None when another process holds it. On a filesystem without ``flock``
+    the descriptor comes back unlocked."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError:
+        pass
+    return fd
 
 
 def check_workdir(workdir: str) -> str:

@@ -22,7 +22,6 @@ stops with one line instead of writing beside it.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import json
 import os
@@ -94,27 +93,20 @@ def lock(workdir: str) -> None:
     workdir = os.path.abspath(os.path.expanduser(workdir))
     if workdir in _HELD:
         return
-    fd = os.open(workdir, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+    fd = artifacts.lock_folder(workdir)
+    if fd is None:
         raise ConfigError(
             f"workdir {workdir!r} is in use by another run (still running, or saving its "
             "checkpoint after a stop signal); wait for it to end, or choose another --workdir"
-        ) from None
-    except OSError:
-        os.close(fd)
-        return
+        )
     _HELD[workdir] = fd
 
 
-def unlock(workdir: str | None = None) -> None:
-    """Releases ``workdir`` (default: every workdir this process holds)."""
-    for path in [os.path.abspath(os.path.expanduser(workdir))] if workdir else list(_HELD):
-        fd = _HELD.pop(path, None)
-        if fd is not None:
-            os.close(fd)
+def unlock(workdir: str) -> None:
+    """Releases ``workdir`` if this process holds it."""
+    fd = _HELD.pop(os.path.abspath(os.path.expanduser(workdir)), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def holds_workdir(run: Callable[..., R]) -> Callable[..., R]:
