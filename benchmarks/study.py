@@ -295,7 +295,6 @@ def collect(study: Study, cell: Cell, seed: int) -> dict[str, Any]:
         results = json.load(f)
     history = artifacts.accuracy_history(workdir)
     rows = artifacts.read_metrics(os.path.join(workdir, "metrics.jsonl"))
-    timed = [r["s_per_iter"] for r in rows if "s_per_iter" in r]
     rss = [r["peak_rss_bytes"] for r in rows if r.get("peak_rss_bytes")]
     config_path = os.path.join(workdir, "config.json")
     config = None
@@ -319,8 +318,7 @@ def collect(study: Study, cell: Cell, seed: int) -> dict[str, Any]:
         },
         **artifacts.final_and_best(history),
         "num_models": _num_models(history),
-        # The first log window includes compilation: the median ignores it.
-        "s_per_iter": float(_median(timed[1:] or timed)) if timed else None,
+        "s_per_iter": _step_speed(rows),
         "peak_rss_bytes": max(rss) if rss else None,
         "wall_s": _wall_s(workdir) or None,
         "last_metrics": scalars,
@@ -410,6 +408,13 @@ def _num_models(history: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> int:
     return 0
 
 
+def _step_speed(rows: Sequence[Mapping[str, Any]]) -> float | None:
+    """The median s/iter of metrics.jsonl's logged windows; the first includes compilation, so
+    the median leaves it out."""
+    timed = [r["s_per_iter"] for r in rows if "s_per_iter" in r]
+    return float(_median(timed[1:] or timed)) if timed else None
+
+
 def _median(values: Sequence[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
@@ -461,7 +466,6 @@ def progress(workdir: str) -> Progress | None:
     due = {i for i in range(iterations) if (every and i % every == 0) or i in at} | {iterations}
     rows = artifacts.read_metrics(metrics_path)
     trained = [r for r in rows if "loss" in r]
-    timed = [r["s_per_iter"] for r in trained if "s_per_iter" in r]
     # An evaluation's time: its accuracy row's stamp minus the row logged just before it, when
     # that row is the training window ending at the same iteration (not across a resume).
     eval_s, evaluated = [], set()
@@ -474,7 +478,7 @@ def progress(workdir: str) -> Progress | None:
     return Progress(
         iteration=max((int(r["step"]) for r in trained), default=0),
         iterations=iterations,
-        s_per_iter=float(_median(timed[1:] or timed)) if timed else None,
+        s_per_iter=_step_speed(trained),
         evals_left=len(due - evaluated),
         eval_s=float(_median(eval_s)) if eval_s else None,
     )
