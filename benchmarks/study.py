@@ -432,6 +432,9 @@ class Progress:
     s_per_iter: float | None
     evals_left: int
     eval_s: float | None
+    # What an evaluation's time depends on (IPC, the eval/model/data fields): runs that share it
+    # can lend each other a measured evaluation time (see list_plan).
+    protocol: tuple = ()
 
     def left_s(self) -> float | None:
         """Seconds left at the measured speeds, the evaluations counted only once one has been
@@ -481,6 +484,22 @@ def progress(workdir: str) -> Progress | None:
         s_per_iter=_step_speed(trained),
         evals_left=len(due - evaluated),
         eval_s=float(_median(eval_s)) if eval_s else None,
+        protocol=_eval_protocol(config),
+    )
+
+
+_EVAL_FIELDS = ("ipc", "conv_impl", "precision")
+_EVAL_PREFIXES = ("eval.", "model.", "data.")
+
+
+def _eval_protocol(config: dict) -> tuple:
+    """The fields of a run's flat config.json that set how long one evaluation takes."""
+    return tuple(
+        sorted(
+            (k, repr(v))
+            for k, v in config.items()
+            if k in _EVAL_FIELDS or k.startswith(_EVAL_PREFIXES)
+        )
     )
 
 
@@ -490,10 +509,19 @@ def _hours(seconds: float) -> str:
 
 def list_plan(study: Study, cells: Sequence[Cell]) -> list[str]:
     """``--list``: per seed, done / part / todo, with its command; for a started seed where it
-    stands and the hours left at its measured speeds; for a seed not started, the median wall
-    time of its cell's done seeds. Then the hours left in all, at the speeds the runs had on
+    stands and the hours left at its measured speeds (its evaluations at its own measured time,
+    else at that of the listed runs with the same evaluation protocol); for a seed not started,
+    the median wall time of its cell's done seeds. Then the hours left in all, at the speeds the runs had on
     the cores they had (a run on one core of two is slower than one alone)."""
     lines, known, unknown, untimed = [], 0.0, 0, 0
+    # Evaluation times measured in any listed workdir, by protocol: a run none of whose own
+    # evaluations has been timed yet borrows their median (same models, epochs, IPC, data).
+    measured: dict[tuple, list[float]] = {}
+    for cell in cells:
+        for seed in cell.seeds:
+            where = progress(workdir_of(study, cell, seed))
+            if where and where.eval_s is not None:
+                measured.setdefault(where.protocol, []).append(where.eval_s)
     for cell in cells:
         done_wall = []
         for seed in cell.seeds:
@@ -510,12 +538,16 @@ def list_plan(study: Study, cells: Sequence[Cell]) -> list[str]:
                 continue
             where = progress(workdir_of(study, cell, seed))
             if where:
+                lent = where.eval_s is None and where.protocol in measured
+                if lent:
+                    where = dataclasses.replace(where, eval_s=_median(measured[where.protocol]))
                 left = where.left_s()
                 notes = [f"iteration {where.iteration} of {where.iterations}"]
                 if where.s_per_iter:
                     notes.append(f"{where.s_per_iter:.1f} s/iter")
                 if where.evals_left:
                     each = f"~{where.eval_s:.0f} s each" if where.eval_s is not None else "untimed"
+                    each += ", as timed in other runs" if lent else ""
                     notes.append(f"{_count(where.evals_left, 'evaluation')} left ({each})")
                 untimed += where.untimed
                 state = f"part  {cell.name} seed {seed} ({', '.join(notes)}"

@@ -27,13 +27,16 @@ arg = "dm,ipc1"
 """
 
 
-def fake_workdir(workdir, *, iterations=100, eval_at="(0, 50)", eval_every=0, rows=()):
+def fake_workdir(workdir, *, iterations=100, eval_at="(0, 50)", eval_every=0, rows=(), config=None):
     os.makedirs(workdir, exist_ok=True)
     config = {
         "mode": "distill",
         "distill.iterations": iterations,
         "distill.eval_at": eval_at,
         "distill.eval_every": eval_every,
+        "ipc": 1,
+        "eval.epochs": 300,
+        **(config or {}),
     }
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(config, f)
@@ -70,7 +73,12 @@ def test_progress_reads_iteration_speed_and_the_evaluations_left(tmp_path):
     where = study_lib.progress(str(tmp_path))
     # Left: the final evaluation (at 100); 0 and 50 ran. The compiling window is left out.
     assert where == study_lib.Progress(
-        iteration=60, iterations=100, s_per_iter=2.0, evals_left=1, eval_s=30.0
+        iteration=60,
+        iterations=100,
+        s_per_iter=2.0,
+        evals_left=1,
+        eval_s=30.0,
+        protocol=(("eval.epochs", "300"), ("ipc", "1")),
     )
     assert where.left_s() == pytest.approx(40 * 2.0 + 30.0)
     assert where.untimed == 0
@@ -127,4 +135,37 @@ def test_list_gives_each_seed_its_state_and_the_hours_left(tmp_path, capsys):
     # 110 s + 3600 s measured; b's seed has no estimate.
     assert (
         lines[-1] == "left: 3 runs, ~1.0 h measured (one run at a time); 1 run with no estimate yet"
+    )
+
+
+def test_list_lends_a_measured_evaluation_time_only_within_one_protocol(tmp_path, capsys):
+    folder = tmp_path / "studies" / "plan"
+    folder.mkdir(parents=True)
+    path = folder / "study.toml"
+    path.write_text(textwrap.dedent(STUDY))
+    runs = tmp_path / "runs"
+    study = study_spec.load_study(str(path), str(runs), check_configs=False)
+    a, b = study.cells
+    # Seed 0 timed an evaluation (30 s); seed 1 (same protocol) and b (other eval.epochs) have
+    # not: two evaluations left each (50 and 100) at 1 s/iter over 80 iterations.
+    fake_workdir(study_spec.workdir_of(study, a, 0), rows=ROWS)
+    fresh = [acc(0, 0.0), train(10, 100.0, 9.0), train(20, 110.0, 1.0)]
+    fake_workdir(study_spec.workdir_of(study, a, 1), rows=fresh)
+    fake_workdir(study_spec.workdir_of(study, b, 0), rows=fresh, config={"eval.epochs": 1000})
+
+    assert study_lib.main([str(path), "--runs_root", str(runs), "--list"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    states = [line.split(":")[0] for line in lines[:-1]]
+    assert states[1] == (
+        "part  a seed 1 (iteration 20 of 100, 1.0 s/iter, 2 evaluations left (~30 s each, as "
+        "timed in other runs); ~0.0 h left)"
+    )
+    assert states[3] == (
+        "part  b seed 0 (iteration 20 of 100, 1.0 s/iter, 2 evaluations left (untimed); "
+        "~0.0 h left)"
+    )
+    # 40*2+30 (a0) + 80+60 (a1) + 80 (b0); b's two evaluations are the untimed ones.
+    assert lines[-1] == (
+        "left: 4 runs, ~0.1 h measured (one run at a time); plus 2 untimed evaluations; "
+        "1 run with no estimate yet"
     )
