@@ -108,13 +108,23 @@ def test_no_progress_before_a_log_or_for_an_experts_run(tmp_path):
     assert study_lib.progress(str(tmp_path / "experts")) is None
 
 
-def test_list_gives_each_seed_its_state_and_the_hours_left(tmp_path, capsys):
+def plan_study(tmp_path):
+    """STUDY written under tmp_path: (its path, the runs root, the loaded study)."""
     folder = tmp_path / "studies" / "plan"
     folder.mkdir(parents=True)
     path = folder / "study.toml"
     path.write_text(textwrap.dedent(STUDY))
     runs = tmp_path / "runs"
-    study = study_spec.load_study(str(path), str(runs), check_configs=False)
+    return path, runs, study_spec.load_study(str(path), str(runs), check_configs=False)
+
+
+def list_lines(path, runs, capsys):
+    assert study_lib.main([str(path), "--runs_root", str(runs), "--list"]) == 0
+    return capsys.readouterr().out.strip().splitlines()
+
+
+def test_list_gives_each_seed_its_state_and_the_hours_left(tmp_path, capsys):
+    path, runs, study = plan_study(tmp_path)
     a, b = study.cells
     # Seed 0 of a is done (3600 s); seed 1 is part-way; seed 2 and b's seed are not started.
     done = study_spec.result_path(study, a, 0)
@@ -123,8 +133,7 @@ def test_list_gives_each_seed_its_state_and_the_hours_left(tmp_path, capsys):
         json.dump({"wall_s": 3600.0}, f)
     fake_workdir(study_spec.workdir_of(study, a, 1), rows=ROWS)
 
-    assert study_lib.main([str(path), "--runs_root", str(runs), "--list"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = list_lines(path, runs, capsys)
     assert [line.split(":")[0] for line in lines[:-1]] == [
         "done  a seed 0",
         "part  a seed 1 (iteration 60 of 100, 2.0 s/iter, 1 evaluation left (~30 s each); "
@@ -139,12 +148,7 @@ def test_list_gives_each_seed_its_state_and_the_hours_left(tmp_path, capsys):
 
 
 def test_list_lends_a_measured_evaluation_time_only_within_one_protocol(tmp_path, capsys):
-    folder = tmp_path / "studies" / "plan"
-    folder.mkdir(parents=True)
-    path = folder / "study.toml"
-    path.write_text(textwrap.dedent(STUDY))
-    runs = tmp_path / "runs"
-    study = study_spec.load_study(str(path), str(runs), check_configs=False)
+    path, runs, study = plan_study(tmp_path)
     a, b = study.cells
     # Seed 0 timed an evaluation (30 s); seed 1 (same protocol) and b (other eval.epochs) have
     # not: two evaluations left each (50 and 100) at 1 s/iter over 80 iterations.
@@ -153,8 +157,7 @@ def test_list_lends_a_measured_evaluation_time_only_within_one_protocol(tmp_path
     fake_workdir(study_spec.workdir_of(study, a, 1), rows=fresh)
     fake_workdir(study_spec.workdir_of(study, b, 0), rows=fresh, config={"eval.epochs": 1000})
 
-    assert study_lib.main([str(path), "--runs_root", str(runs), "--list"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = list_lines(path, runs, capsys)
     states = [line.split(":")[0] for line in lines[:-1]]
     assert states[1] == (
         "part  a seed 1 (iteration 20 of 100, 1.0 s/iter, 2 evaluations left (~30 s each, as "
