@@ -511,8 +511,8 @@ def list_plan(study: Study, cells: Sequence[Cell]) -> list[str]:
     """``--list``: per seed, done / part / todo, with its command; for a started seed where it
     stands and the hours left at its measured speeds (its evaluations at its own measured time,
     else at that of the listed runs with the same evaluation protocol); for a seed not started,
-    the median wall time of its cell's done seeds. Then the hours left in all, at the speeds the runs had on
-    the cores they had (a run on one core of two is slower than one alone)."""
+    the median wall time of its cell's done seeds. Then the hours left in all, at the speeds
+    the runs had on the cores they had (a run on one core of two is slower than one alone)."""
     lines, known, unknown, untimed = [], 0.0, 0, 0
     # Evaluation times measured in any listed workdir, by protocol: a run none of whose own
     # evaluations has been timed yet borrows their median (same models, epochs, IPC, data).
