@@ -516,12 +516,11 @@ def list_plan(study: Study, cells: Sequence[Cell]) -> list[str]:
     lines, known, unknown, untimed = [], 0.0, 0, 0
     # Evaluation times measured in any listed workdir, by protocol: a run none of whose own
     # evaluations has been timed yet borrows their median (same models, epochs, IPC, data).
+    wheres = {(c.name, s): progress(workdir_of(study, c, s)) for c in cells for s in c.seeds}
     measured: dict[tuple, list[float]] = {}
-    for cell in cells:
-        for seed in cell.seeds:
-            where = progress(workdir_of(study, cell, seed))
-            if where and where.eval_s is not None:
-                measured.setdefault(where.protocol, []).append(where.eval_s)
+    for where in wheres.values():
+        if where and where.eval_s is not None:
+            measured.setdefault(where.protocol, []).append(where.eval_s)
     for cell in cells:
         done_wall = []
         for seed in cell.seeds:
@@ -536,7 +535,7 @@ def list_plan(study: Study, cells: Sequence[Cell]) -> list[str]:
             if os.path.isfile(result_path(study, cell, seed)):
                 lines.append(f"done  {cell.name} seed {seed}: {cmd}")
                 continue
-            where = progress(workdir_of(study, cell, seed))
+            where = wheres[cell.name, seed]
             if where:
                 lent = where.eval_s is None and where.protocol in measured
                 if lent:
