@@ -211,10 +211,8 @@ def test_committed_study_files_pass_the_structural_checks(name):
     assert study.cells
 
 
-@pytest.mark.parametrize("name", ["reproduction", "published", "mim4dd"])
+@pytest.mark.parametrize("name", ["reproduction", "published", "mim4dd", "mim4dd_paper"])
 def test_committed_studies_build_every_config(name):
-    # mim4dd_paper declares fields (distill.eval_at, mi.through_unroll, ...) that are added by
-    # the issues it was declared for; it is checked, like any study, when it is run.
     path = os.path.join(ROOT, "benchmarks", "studies", name, "study.toml")
     assert study_spec.load_study(path, check_configs=True).cells
 
