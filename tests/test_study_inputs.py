@@ -204,14 +204,17 @@ def test_the_checked_config_is_the_one_run_py_builds(tmp_path):
     assert config.mi.weight == 0.5 and tuple(config.eval.models) == ("convnet", "alexnet")
 
 
-@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "benchmarks", "studies"))))
+COMMITTED_STUDIES = sorted(os.listdir(os.path.join(ROOT, "benchmarks", "studies")))
+
+
+@pytest.mark.parametrize("name", COMMITTED_STUDIES)
 def test_committed_study_files_pass_the_structural_checks(name):
     path = os.path.join(ROOT, "benchmarks", "studies", name, "study.toml")
     study = study_spec.load_study(path)
     assert study.cells
 
 
-@pytest.mark.parametrize("name", ["reproduction", "published", "mim4dd", "mim4dd_paper"])
+@pytest.mark.parametrize("name", COMMITTED_STUDIES)
 def test_committed_studies_build_every_config(name):
     path = os.path.join(ROOT, "benchmarks", "studies", name, "study.toml")
     assert study_spec.load_study(path, check_configs=True).cells
