@@ -25,6 +25,11 @@ A study file (TOML) declares the grid as data::
     [cells.overrides]
     "distill.iterations" = 2000
 
+    [[cells]]                             # ... or the first k iterations of one
+    name = "dm_ipc1_500"
+    prefix_of = "dm_ipc1"                 # its config, distill.iterations = k
+    iterations = 500                      # k: one of the parent's evaluations
+
     [[grids]]                             # ... or a cross product of cells
     name = "screen"
     arg = "dm,ipc10"
@@ -44,6 +49,10 @@ Each (cell, seed) is one ``run.py`` process with its workdir in
 - skips a seed whose results are committed in
   ``benchmarks/studies/<study>/results/<cell>/seed<k>.json`` (so a fresh clone continues where
   the last sitting stopped), and collects one whose workdir finished but was never collected;
+- gives a seed of a prefix cell (``prefix_of = "<cell>"``, ``iterations = k``: that cell's
+  config run for k iterations, k one of its evaluations) without a run when its parent's result
+  of that seed is committed: the record is the parent's cut at k (:func:`derive_prefix`), marked
+  ``derived_from``. A shorter protocol thus reuses the longer runs' prefixes;
 - with ``--jobs N``, runs N seeds at once, each pinned to its own share of the cores: a small
   step (MTT IPC 1) uses two cores poorly, so two runs on one core each get ~1.3x as much done;
   when nothing is left to start, the running seed with the most time left (over 10 minutes at
@@ -331,6 +340,86 @@ def collect(study: Study, cell: Cell, seed: int) -> dict[str, Any]:
     return record
 
 
+def derive_prefix(parent: Mapping[str, Any], cell: Cell) -> dict[str, Any] | None:
+    """The record of ``cell`` (``prefix_of`` a cell, ``distill.iterations`` k) from its parent
+    cell's record of the same seed, or None when that run has no evaluation at k: the
+    evaluations and trace up to k, final and best among those. A run's state at iteration k does
+    not depend on how long it is to run (each step's key is ``fold_in(key, it)``, no schedule
+    spans the run, evaluations use their own key; ``tests/test_distill_eval_schedule.py``), so
+    these are the numbers a run of k iterations gives. Its wall time is not known (None)."""
+    k = int(cell.overrides["distill.iterations"])
+    curves = {
+        model: {int(e["iteration"]): {f: e[f] for f in e if f != "iteration"} for e in evals}
+        for model, evals in parent.get("evaluations", {}).items()
+    }
+    if not curves or any(k not in points for points in curves.values()):
+        return None
+    cut = {
+        model: {it: v for it, v in points.items() if it <= k} for model, points in curves.items()
+    }
+    chosen = artifacts.final_and_best(cut)
+    rows = [r for r in parent.get("trace", []) if r.get("step", 0) <= k]
+    config = dict(parent.get("config") or {})
+    for key in ("distill.iterations", "distill.eval_at"):
+        if key in cell.overrides and key in config:
+            config[key] = cell.overrides[key]
+    results = dict(parent.get("results") or {})
+    results.update(
+        iteration=k,
+        accuracy={m: {f: v[f] for f in ("all", "mean", "std")} for m, v in chosen["final"].items()},
+        final=chosen["final"],
+        best=chosen["best"],
+    )
+    return {
+        **parent,
+        "cell": cell.name,
+        "overrides": dict(cell.overrides),
+        "iterations": k,
+        "evaluations": {
+            m: [{"iteration": it, **v} for it, v in sorted(p.items())] for m, p in cut.items()
+        },
+        **chosen,
+        "s_per_iter": _step_speed(rows),
+        "wall_s": None,
+        "last_metrics": dict(rows[-1]) if rows else {},
+        "trace": rows,
+        "results": results,
+        "config": config,
+        "derived_from": {
+            "cell": parent.get("cell"),
+            "seed": parent.get("seed"),
+            "iterations": parent.get("iterations"),
+        },
+    }
+
+
+def derive_prefixes(study: Study, cells: Iterable[Cell]) -> int:
+    """Writes the result of every seed of a ``prefix_of`` cell that its parent's committed
+    result holds (:func:`derive_prefix`); returns how many it wrote."""
+    by_name, written = {c.name: c for c in study.cells}, 0
+    for cell in cells:
+        if cell.prefix_of is None:
+            continue
+        for seed in cell.seeds:
+            path = result_path(study, cell, seed)
+            source = result_path(study, by_name[cell.prefix_of], seed)
+            if os.path.isfile(path) or not os.path.isfile(source):
+                continue
+            with open(source) as f:
+                record = derive_prefix(json.load(f), cell)
+            if record is None:
+                continue
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            artifacts.write_json(path, record, indent=1, sort_keys=True)
+            written += 1
+            print(
+                f"[{study.name}] {cell.name} seed {seed}: the first {cell.overrides['distill.iterations']} "
+                f"iterations of {cell.prefix_of} seed {seed} (no run)",
+                flush=True,
+            )
+    return written
+
+
 def _wall_s(workdir: str) -> float:
     """The summed wall time of every sitting of a run, an unclosed last one included."""
     record = _runner_record(workdir)
@@ -535,6 +624,10 @@ def list_plan(study: Study, cells: Sequence[Cell]) -> list[str]:
             if os.path.isfile(result_path(study, cell, seed)):
                 lines.append(f"done  {cell.name} seed {seed}: {cmd}")
                 continue
+            parents = [c for c in study.cells if c.name == cell.prefix_of]
+            if parents and os.path.isfile(result_path(study, parents[0], seed)):
+                lines.append(f"done  {cell.name} seed {seed}: a prefix of {cell.prefix_of}'s")
+                continue
             where = wheres[cell.name, seed]
             if where:
                 lent = where.eval_s is None and where.protocol in measured
@@ -623,6 +716,7 @@ def run_study(
     where it runs)."""
     failures: list[str] = []
     cells = list(cells)
+    derive_prefixes(study, cells)
     order = sorted(
         ((i, j, cell, seed) for j, cell in enumerate(cells) for i, seed in enumerate(cell.seeds)),
         key=lambda t: (t[0], t[1]),

@@ -40,6 +40,9 @@ class Cell:
     seeds: tuple[int, ...]
     published: float | None = None
     published_note: str = ""
+    # The cell whose runs this one's are the first iterations of (``prefix_of``): a seed of it
+    # whose result is committed gives this cell's seed without a run (:func:`derive_prefix`).
+    prefix_of: str | None = None
 
     def key(self) -> tuple:
         """What two cells must share to be compared (all but their differing field)."""
@@ -87,6 +90,8 @@ TOP_KEYS = (
 )
 CELL_KEYS = ("name", "arg", "config", "seeds", "published", "published_note", "overrides")
 GRID_KEYS = (*CELL_KEYS, "axes")
+# A prefix cell names its parent and its length; the rest of its config is the parent's.
+PREFIX_KEYS = ("name", "prefix_of", "iterations", "seeds", "published", "published_note")
 
 
 class _Problems(list):
@@ -210,9 +215,14 @@ def load_study(path: str, runs_root: str | None = None, *, check_configs: bool =
             p.add(top, f"{key} must be an array of tables ([[{key}]]), got {value!r}")
     entries = [e for e in entries if isinstance(e, Mapping)] if isinstance(entries, list) else []
     grids = [g for g in grids if isinstance(g, Mapping)] if isinstance(grids, list) else []
+    prefixes = []
     for i, entry in enumerate(entries):
         cell_name = entry.get("name") or _value_name(entry.get("arg", ""))
         where = f"cell {cell_name!r}" if cell_name else f"cell {i + 1}"
+        if "prefix_of" in entry:
+            _check_keys(entry, PREFIX_KEYS, where, p)
+            prefixes.append((entry, where))
+            continue
         _check_keys(entry, CELL_KEYS, where, p)
         add(entry, str(cell_name), {}, where)
     for grid in grids:
@@ -228,6 +238,10 @@ def load_study(path: str, runs_root: str | None = None, *, check_configs: bool =
             point = dict(zip(axes, values, strict=True))
             suffix = ",".join(f"{k}={_value_name(v)}" for k, v in point.items())
             add(grid, f"{grid_name}-{suffix}", point, where)
+    for entry, where in prefixes:
+        cell = _prefix_cell(entry, cells, default_seeds, where, p)
+        if cell is not None:
+            cells.append(cell)
     names = [c.name for c in cells]
     for bad in dict.fromkeys(n for n in names if not n or set(n) - _NAME_CHARS):
         p.add(top, f"cell name {bad!r} may use only letters, digits and . _ - = , +")
@@ -251,6 +265,66 @@ def load_study(path: str, runs_root: str | None = None, *, check_configs: bool =
         results_dir=os.path.join(folder, "results"),
         runs_dir=os.path.join(runs_root, name),
         pairs=pairs,
+    )
+
+
+def _prefix_cell(
+    entry: Mapping[str, Any],
+    cells: Sequence[Cell],
+    default_seeds: tuple[int, ...] | None,
+    where: str,
+    p: _Problems,
+) -> Cell | None:
+    """``prefix_of = "<cell>"``, ``iterations = k``: the first k iterations of that cell's runs
+    (its config with ``distill.iterations = k`` and the evaluations before k; k must be one
+    of the parent's evaluations, so a committed parent seed holds this cell's result)."""
+    parent_name, k = entry["prefix_of"], entry.get("iterations")
+    by_name = {c.name: c for c in cells}
+    if not isinstance(parent_name, str) or parent_name not in by_name:
+        known = list(by_name)
+        p.add(where, f"prefix_of {parent_name!r} names no cell{_suggest(str(parent_name), known)}")
+        return None
+    parent = by_name[parent_name]
+    n = parent.overrides.get("distill.iterations")
+    at = parent.overrides.get("distill.eval_at", [])
+    every = parent.overrides.get("distill.eval_every")
+    if not _is_int(n):
+        p.add(where, f"prefix_of {parent_name!r}: that cell must set distill.iterations")
+        return None
+    if not _is_int(k) or not 0 < k < n:
+        p.add(
+            where,
+            f"iterations must be an integer in 1..{n - 1} (a prefix of {parent_name!r}), got {k!r}",
+        )
+        return None
+    if k not in at and not (_is_int(every) and every > 0 and k % every == 0):
+        p.add(
+            where,
+            f"iterations {k} is not one of {parent_name!r}'s evaluations (distill.eval_at "
+            f"{list(at)}, distill.eval_every {every}); its seeds could not be read from that cell's",
+        )
+        return None
+    seeds = _check_seeds(entry["seeds"], where, p) if "seeds" in entry else default_seeds
+    published = entry.get("published")
+    if published is not None and not _is_number(published):
+        p.add(where, f"published must be a number (the accuracy in %), got {published!r}")
+        published = None
+    for key in ("published_note", "name"):
+        _check_text(entry, key, where, p)
+    if seeds is None:
+        return None
+    overrides = {**parent.overrides, "distill.iterations": k}
+    if "distill.eval_at" in overrides:
+        overrides["distill.eval_at"] = [i for i in at if i < k]
+    return Cell(
+        name=str(entry.get("name") or f"{parent_name}-{k}"),
+        config=parent.config,
+        arg=parent.arg,
+        overrides=overrides,
+        seeds=seeds,
+        published=published,
+        published_note=str(entry.get("published_note", "")),
+        prefix_of=parent_name,
     )
 
 

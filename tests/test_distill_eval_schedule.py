@@ -113,3 +113,29 @@ def test_eval_at_adds_the_listed_iterations(fake_npz, tmp_path):
 
     with pytest.raises(ConfigError, match=r"distill.eval_at entry 5 .* 0..distill.iterations=3"):
         config_lib.validate(config_for(fake_npz, **{"distill.eval_at": (1, 5)}))
+
+
+@pytest.mark.parametrize("mi_weight", [0.0, 0.3])
+def test_a_shorter_run_is_the_prefix_of_a_longer_one(fake_npz, tmp_path, mi_weight):
+    """What a study's prefix cell (benchmarks/study.py derive_prefix) relies on: the evaluation
+    at iteration k of a longer run is the one a run of k iterations ends with (no schedule
+    spans the run's length; the MI heads and their optimiser included)."""
+    fields = {
+        "distill.eval_every": 0,
+        "mi.weight": mi_weight,
+        "mi.weight_mode": "relative",
+        "mi.head": "linear",
+    }
+    short, long = tmp_path / "short", tmp_path / "long"
+    distill.run(config_for(fake_npz, **fields, **{"distill.iterations": 2}), str(short))
+    distill.run(
+        config_for(fake_npz, **fields, **{"distill.iterations": 4, "distill.eval_at": (2,)}),
+        str(long),
+    )
+    at_short = artifacts.accuracy_history(str(short))["convnet"]
+    at_long = artifacts.accuracy_history(str(long))["convnet"]
+    assert sorted(at_short) == [2] and sorted(at_long) == [2, 4]
+    assert at_short[2]["all"] == at_long[2]["all"]
+    # The synthetic sets themselves (rendered at each evaluation) agree at 2, and move after.
+    grid = lambda run, it: (run / f"grid_{it:06d}.png").read_bytes()  # noqa: E731
+    assert grid(short, 2) == grid(long, 2) != grid(long, 4)
