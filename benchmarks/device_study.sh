@@ -22,9 +22,12 @@ BUDGET=${BUDGET:-520}
 mkdir -p "$OUT"
 PLAN=("$@")
 if [ ${#PLAN[@]} -eq 0 ]; then
-  # Issue 25 first: MTT IPC 10 +- MIM4DD in the paper's form (does not fit the CPU).
+  # Issue 25 first: the 500-iteration MTT IPC 1 confirm (pure MTT and the paper's form at
+  # rho 0.3, seeds 1 and 2; a seed of the latter needs ~3.5 h on the 2-core CPU, longer than a
+  # sitting; the runner rebuilds the expert set first), then MTT IPC 10 +- MIM4DD.
   PLAN=(
-    mim4dd_paper:experts10 "mim4dd_paper:mtt10-*" "mim4dd_paper:mtt10-*" "mim4dd_paper:mtt10-*"
+    mim4dd_paper:mtt-base mim4dd_paper:mtt-paper-rho0.3 mim4dd_paper:mtt-base
+    mim4dd_paper:mtt-paper-rho0.3 mim4dd_paper:experts10 "mim4dd_paper:mtt10-*" "mim4dd_paper:mtt10-*" "mim4dd_paper:mtt10-*"
     "mim4dd_paper:mtt10-*" "mim4dd_paper:mtt10-*" "mim4dd_paper:mtt10-*"
     published:dsa_ipc1 published:dm_ipc10 published:dc_ipc1 published:dm_ipc1
     "mim4dd:gpu10-*" "mim4dd:gpu10-*" "mim4dd:gpu10-*" "mim4dd:gpu10-*" "mim4dd:gpu10-*"

@@ -57,6 +57,9 @@ Each (cell, seed) is one ``run.py`` process with its workdir in
   step (MTT IPC 1) uses two cores poorly, so two runs on one core each get ~1.3x as much done;
   when nothing is left to start, the running seed with the most time left (over 10 minutes at
   its measured speed) is stopped at a checkpoint and resumed on the freed cores too;
+- first reruns the inputs of the seeds it is to run (a cell whose workdir another cell's
+  overrides name, e.g. ``mtt.experts_dir``) when their results are committed but their workdir
+  is gone, keeping the committed record (:func:`rebuild_inputs`);
 - resumes an interrupted seed from its checkpoints (run.py resumes from its workdir); the child
   gets SIGTERM when the runner dies (``kill -9`` included), so it checkpoints and stops, and a
   rerun loses at most one ``distill.checkpoint_every`` interval; SIGTERM (or Ctrl-C) to the
@@ -701,6 +704,57 @@ def _widest_candidate(running: Sequence[_Running]) -> _Running | None:
     return best
 
 
+def inputs_of(study: Study, cell: Cell) -> list[tuple[Cell, int]]:
+    """The (cell, seed) runs whose workdir ``cell``'s overrides name (e.g. ``mtt.experts_dir``
+    = an experts cell's workdir): that run's files are an input of every seed of ``cell``.
+    Paths are resolved from the repository root, where run.py runs."""
+    where = lambda path: os.path.realpath(os.path.join(ROOT, path))  # noqa: E731
+    runs = {where(workdir_of(study, c, s)): (c, s) for c in study.cells for s in c.seeds}
+    named = [where(v) for v in cell.overrides.values() if isinstance(v, str) and v]
+    return [runs[path] for path in dict.fromkeys(named) if path in runs and runs[path][0] != cell]
+
+
+def rebuild_inputs(
+    study: Study, todo: Sequence[tuple[Cell, int]], *, quiet: bool = False
+) -> list[str]:
+    """Reruns each input (:func:`inputs_of`) of a seed in ``todo`` whose result is committed
+    but whose workdir is gone (``runs/`` does not outlive its machine), one at a time on every
+    core, before the seeds that read it start; returns the failures. The committed record is
+    kept; the rebuilt run's results are checked against it (an input's seed makes it the same
+    set on the same kind of machine) and a difference is printed, not fatal: another device
+    rebuilds it with its own numerics."""
+    failures: list[str] = []
+    needed: dict[tuple[str, int], tuple[Cell, int]] = {}
+    for cell, _ in todo:
+        needed.update(((c.name, s), (c, s)) for c, s in inputs_of(study, cell))
+    for cell, seed in needed.values():
+        workdir = workdir_of(study, cell, seed)
+        committed = result_path(study, cell, seed)
+        if os.path.isfile(os.path.join(workdir, "results.json")) or not os.path.isfile(committed):
+            continue  # present, or not yet run: the todo list runs and collects it
+        print(
+            f"[{study.name}] {cell.name} seed {seed}: rebuilding its workdir, an input", flush=True
+        )
+        code = run_seed(study, cell, seed, quiet=quiet)
+        if code != 0 or not os.path.isfile(os.path.join(workdir, "results.json")):
+            failures.append(f"{cell.name} seed {seed} (an input): run.py exited {code}")
+            print(f"[{study.name}] FAILED {failures[-1]}", flush=True)
+            continue
+        with open(committed) as f:
+            old = json.load(f).get("results") or {}
+        with open(os.path.join(workdir, "results.json")) as f:
+            new = json.load(f)
+        keys = [k for k in old if k in new and k != "machine" and "time" not in k]
+        differ = [k for k in keys if old[k] != new[k]]
+        same = (
+            "differs from the committed record in " + ", ".join(differ)
+            if differ
+            else ("the same as the committed record")
+        )
+        print(f"[{study.name}] {cell.name} seed {seed}: rebuilt, {same}", flush=True)
+    return failures
+
+
 def run_study(
     study: Study,
     cells: Iterable[Cell],
@@ -722,6 +776,7 @@ def run_study(
         key=lambda t: (t[0], t[1]),
     )
     todo = [(c, s) for _, _, c, s in order if not os.path.isfile(result_path(study, c, s))]
+    failures += rebuild_inputs(study, todo, quiet=quiet)
     free: list[tuple[int, ...] | None] = core_groups(jobs) if jobs > 1 else [None]
     running: list[_Running] = []
     widening: _Running | None = None  # a seed stopped to resume it on more cores

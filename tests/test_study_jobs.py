@@ -228,3 +228,66 @@ def test_sigterm_to_the_runner_waits_for_its_runs_to_stop(tmp_path, monkeypatch)
     with open(os.path.join(workdir, "study_runner.json")) as f:
         assert "open" not in json.load(f)  # its sitting was closed
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+
+
+# argv: workdir, results.json to write ("" for none), input workdir to check: the stand-in
+# records whether its input existed when it started, writes its results and exits 0 if it has
+# any to write.
+INPUT_STAND_IN = """
+import json, os, sys
+workdir, results, needs = sys.argv[1], sys.argv[2], sys.argv[3]
+seen = os.path.isfile(os.path.join(needs, "results.json")) if needs else None
+with open(os.path.join(workdir, "ran.json"), "w") as f:
+    json.dump({"input_there": seen}, f)
+if results:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        f.write(results)
+sys.exit(0 if results else 1)
+"""
+
+
+@pytest.mark.parametrize("rebuilt_accuracy", [0.5, 0.6])
+def test_a_committed_input_whose_workdir_is_gone_is_rebuilt_first(
+    tmp_path, monkeypatch, capsys, rebuilt_accuracy
+):
+    """A fresh machine has the experts cell's committed result but not its workdir, which the
+    MTT cells read (mtt.experts_dir): the runner reruns it before them and keeps the record."""
+    folder = tmp_path / "studies" / "inputs"
+    folder.mkdir(parents=True)
+    experts_dir = str(tmp_path / "runs" / "inputs" / "experts" / "seed0")
+    (folder / "study.toml").write_text(
+        'seeds = [0]\nconfig = "configs/fashion_mnist.py"\n'
+        '[[cells]]\nname = "experts"\narg = "experts"\n'
+        f'[[cells]]\nname = "mtt"\narg = "mtt,ipc1"\n[cells.overrides]\n"mtt.experts_dir" = "{experts_dir}"\n'
+    )
+    study = study_spec.load_study(str(folder / "study.toml"), str(tmp_path / "runs"))
+    experts, mtt = study.cells
+    assert study_lib.inputs_of(study, mtt) == [(experts, 0)] and not study_lib.inputs_of(
+        study, experts
+    )
+    committed = {"results": {"test_accuracy": 0.5, "machine": "x"}, "commit": "old"}
+    path = study_spec.result_path(study, experts, 0)
+    os.makedirs(os.path.dirname(path))
+    with open(path, "w") as f:
+        json.dump(committed, f)
+
+    def command(cell, seed, workdir):
+        if cell.name == "experts":
+            results = json.dumps({"test_accuracy": rebuilt_accuracy, "machine": "y"})
+            return [sys.executable, "-c", INPUT_STAND_IN, workdir, results, ""]
+        return [sys.executable, "-c", INPUT_STAND_IN, workdir, "", experts_dir]
+
+    monkeypatch.setattr(study_lib, "command", command)
+    failures = study_lib.run_study(study, [mtt], quiet=True)
+    assert failures == ["mtt seed 0: run.py exited 1"]  # the stand-in's own exit
+    assert _ran(study, "mtt") == {"input_there": True}
+    with open(path) as f:
+        assert json.load(f) == committed  # the record is kept
+    out = capsys.readouterr().out
+    if rebuilt_accuracy == 0.5:
+        assert "experts seed 0: rebuilt, the same as the committed record" in out
+    else:
+        assert "experts seed 0: rebuilt, differs from the committed record in test_accuracy" in out
+    # Its workdir is there now: a second pass does not rebuild it again.
+    assert study_lib.rebuild_inputs(study, [(mtt, 0)], quiet=True) == []
+    assert "rebuilding" not in capsys.readouterr().out
