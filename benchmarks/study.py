@@ -745,13 +745,13 @@ def rebuild_inputs(
         with open(os.path.join(workdir, "results.json")) as f:
             new = json.load(f)
         keys = [k for k in old if k in new and k != "machine" and "time" not in k]
-        differ = [k for k in keys if old[k] != new[k]]
-        same = (
-            "differs from the committed record in " + ", ".join(differ)
+        differ = ", ".join(k for k in keys if old[k] != new[k])
+        verdict = (
+            f"differs from the committed record in {differ}"
             if differ
-            else ("the same as the committed record")
+            else "the same as the committed record"
         )
-        print(f"[{study.name}] {cell.name} seed {seed}: rebuilt, {same}", flush=True)
+        print(f"[{study.name}] {cell.name} seed {seed}: rebuilt, {verdict}", flush=True)
     return failures
 
 
