@@ -184,15 +184,8 @@ def load_study(path: str, runs_root: str | None = None, *, check_configs: bool =
         if not isinstance(arg, str):
             p.add(where, "has no 'arg'" if arg is None else f"arg must be a string, got {arg!r}")
             return
-        seeds = default_seeds
-        if "seeds" in entry:
-            seeds = _check_seeds(entry["seeds"], where, p)
-        published = entry.get("published")
-        if published is not None and not _is_number(published):
-            p.add(where, f"published must be a number (the accuracy in %), got {published!r}")
-            published = None
-        for key in ("config", "published_note", "name"):
-            _check_text(entry, key, where, p)
+        seeds, published = _seeds_and_published(entry, default_seeds, where, p)
+        _check_text(entry, "config", where, p)
         overrides = _check_overrides(entry.get("overrides", {}), where, p)
         if seeds is None:
             return
@@ -268,6 +261,21 @@ def load_study(path: str, runs_root: str | None = None, *, check_configs: bool =
     )
 
 
+def _seeds_and_published(
+    entry: Mapping[str, Any], default_seeds: tuple[int, ...] | None, where: str, p: _Problems
+) -> tuple[tuple[int, ...] | None, float | None]:
+    """A cell entry's seeds (the default unless given; None if bad) and published accuracy
+    (None if absent or bad), with its name and published_note checked as text."""
+    seeds = _check_seeds(entry["seeds"], where, p) if "seeds" in entry else default_seeds
+    published = entry.get("published")
+    if published is not None and not _is_number(published):
+        p.add(where, f"published must be a number (the accuracy in %), got {published!r}")
+        published = None
+    for key in ("published_note", "name"):
+        _check_text(entry, key, where, p)
+    return seeds, published
+
+
 def _prefix_cell(
     entry: Mapping[str, Any],
     cells: Sequence[Cell],
@@ -304,13 +312,7 @@ def _prefix_cell(
             f"{list(at)}, distill.eval_every {every}); its seeds could not be read from that cell's",
         )
         return None
-    seeds = _check_seeds(entry["seeds"], where, p) if "seeds" in entry else default_seeds
-    published = entry.get("published")
-    if published is not None and not _is_number(published):
-        p.add(where, f"published must be a number (the accuracy in %), got {published!r}")
-        published = None
-    for key in ("published_note", "name"):
-        _check_text(entry, key, where, p)
+    seeds, published = _seeds_and_published(entry, default_seeds, where, p)
     if seeds is None:
         return None
     overrides = {**parent.overrides, "distill.iterations": k}
